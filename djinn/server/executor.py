@@ -1,0 +1,104 @@
+"""Model work off the event loop, on the server's device.
+
+One worker thread owns the device: calls from every session queue there
+while the event loop keeps moving bytes. On a CUDA device the worker runs
+on its own stream, inputs arrive through pinned buffers with non-blocking
+copies, and results leave through pinned buffers; the only synchronization
+is the one a result needs before it can be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from djinn.errors import UsageError
+from djinn.net.buffers import BufferPool, host_block, pinned_block
+from djinn.net.frame import Allocator
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; UsageError otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(
+            f"cannot use device {name!r}: expected auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"cannot use device {name}: CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"cannot use device {name}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise UsageError(f"cannot use device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+class Executor:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.allocate: Allocator = BufferPool(pinned_block if self.is_cuda else host_block)
+        self._stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-device")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the device thread under inference mode."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with torch.inference_mode(), self._on_stream():
+            return fn(*args)
+
+    @contextlib.contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+        else:
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                yield
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A received tensor on the device; from pinned memory the copy is asynchronous."""
+        if tensor.device == self.device:
+            return tensor
+        return tensor.to(self.device, non_blocking=tensor.is_pinned())
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A result ready to send: on the host (pinned when from CUDA), copy finished."""
+        if tensor.device.type == "cpu":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        assert self._stream is not None
+        self._stream.synchronize()
+        return host
+
+    def memory(self) -> dict[str, int]:
+        """Device memory facts for server_stats (empty on CPU)."""
+        if not self.is_cuda:
+            return {}
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {
+            "device_total_bytes": total,
+            "device_free_bytes": free,
+            "device_allocated_bytes": torch.cuda.memory_allocated(self.device),
+        }
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,213 @@
+"""The dispatch table: every method a client may call, with its arguments checked.
+
+Each handler runs on the event loop and sends model work to the device
+thread. Session-scoped calls take the session id first and the references
+the client has dropped since its last call (released before the call runs,
+so freeing memory costs no round trip of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from djinn.errors import RemoteUsageError
+from djinn.generation import GenerationParams
+from djinn.net.payload import Ref
+from djinn.server import inference
+from djinn.server.sessions import Session
+
+if TYPE_CHECKING:
+    from djinn.server.connection import ServerConnection
+
+
+def ping(conn: ServerConnection) -> None:
+    return None
+
+
+def echo(conn: ServerConnection, obj: Any) -> Any:
+    return obj
+
+
+def server_stats(conn: ServerConnection) -> dict[str, Any]:
+    return conn.server.stats()
+
+
+# -- models ------------------------------------------------------------------------
+
+
+async def register(conn: ServerConnection, spec: Any) -> dict[str, Any]:
+    return await conn.server.models.register(conn.uploads, spec)
+
+
+async def upload(conn: ServerConnection, fingerprint: Any, start: Any, tensors: Any) -> None:
+    await conn.server.models.upload(conn.uploads, fingerprint, start, tensors)
+
+
+async def commit(conn: ServerConnection, fingerprint: Any) -> dict[str, Any]:
+    return await conn.server.models.commit(conn.uploads, fingerprint)
+
+
+# -- sessions ----------------------------------------------------------------------
+
+
+async def open_session(conn: ServerConnection, fingerprint: Any) -> str:
+    server = conn.server
+    model = await server.models.load(fingerprint) if fingerprint is not None else None
+    if model is not None:
+        server.models.acquire(model.fingerprint)
+    try:
+        return server.sessions.open(conn, model).id
+    except BaseException:
+        if model is not None:
+            server.models.release(model)
+        raise
+
+
+def close_session(conn: ServerConnection, session_id: Any) -> None:
+    with contextlib.suppress(Exception):
+        session = conn.server.sessions.find(conn, session_id)
+        conn.server.sessions.close(session, reason="closed by the client")
+
+
+def release(conn: ServerConnection, session_id: Any, ids: Any) -> None:
+    _session(conn, session_id, ids)
+
+
+@contextlib.contextmanager
+def _busy(session: Session) -> Iterator[Session]:
+    session.busy += 1
+    try:
+        yield session
+    finally:
+        session.busy -= 1
+
+
+def _session(conn: ServerConnection, session_id: Any, released: Any) -> Session:
+    session = conn.server.sessions.find(conn, session_id)
+    if not isinstance(released, list) or not all(type(i) is int for i in released):
+        raise RemoteUsageError("cannot release: expected a list of reference ids")
+    session.release(released)
+    return session
+
+
+def _model(session: Session) -> Any:
+    if session.model is None:
+        raise RemoteUsageError("cannot run a model: this session has none")
+    return session.model
+
+
+def _tensor(session: Session, value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, Ref):
+        value = session.get(value)
+    if not isinstance(value, torch.Tensor):
+        raise RemoteUsageError(f"cannot run the model: {name} must be a tensor")
+    return value
+
+
+async def fetch(conn: ServerConnection, session_id: Any, released: Any, ref: Any) -> torch.Tensor:
+    session = _session(conn, session_id, released)
+    if not isinstance(ref, Ref):
+        raise RemoteUsageError("cannot fetch: expected a reference")
+    value = _tensor(session, ref, "the reference")
+    with _busy(session):
+        return await conn.server.executor.run(conn.server.executor.to_host, value)
+
+
+async def forward(
+    conn: ServerConnection,
+    session_id: Any,
+    released: Any,
+    input_ids: Any,
+    cache: Any,
+    attention_mask: Any,
+    want: Any,
+) -> tuple[Any, Any, int]:
+    """One model call. want = (logits mode, logits ref id, cache mode, cache ref id).
+
+    Returns (logits, cache, cache length): logits as data or as (shape, dtype)
+    when kept under its reference; the cache as a list of (k, v) pairs or None.
+    """
+    session = _session(conn, session_id, released)
+    model = _model(session)
+    if not (
+        isinstance(want, tuple)
+        and len(want) == 4
+        and want[0] in inference.LOGITS_MODES
+        and want[2] in inference.CACHE_MODES
+        and all(type(i) is int for i in (want[1], want[3]))
+    ):
+        raise RemoteUsageError("cannot run the model: malformed output modes")
+    logits_mode, logits_ref, cache_mode, cache_ref = want
+    ids = _tensor(session, input_ids, "input_ids")
+    mask = None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
+    cache_in: Any = None
+    if isinstance(cache, Ref):
+        cache_in = session.get(cache)
+        if not hasattr(cache_in, "get_seq_length"):
+            raise RemoteUsageError(f"cannot run the model: reference {cache.id} is not a KV cache")
+    elif isinstance(cache, list):
+        if not all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p)
+            for p in cache
+        ):
+            raise RemoteUsageError("cannot run the model: cache must be a list of (keys, values)")
+        cache_in = cache
+    elif cache is not None:
+        raise RemoteUsageError("cannot run the model: cache must be a reference, layers, or None")
+    executor = conn.server.executor
+    with _busy(session):
+        result = await executor.run(
+            inference.forward, executor, model, ids, cache_in, mask, logits_mode, cache_mode
+        )
+    logits: Any = result.logits
+    if logits_mode == "ref":
+        session.put(Ref(logits_ref), result.logits)
+        logits = (tuple(result.logits.shape), result.logits.dtype)
+    if cache_mode == "ref" and result.cache is not None:
+        if isinstance(cache, Ref):
+            session.resize(cache)  # the cache grew in place
+        else:
+            session.put(Ref(cache_ref), result.cache)
+    return logits, result.cache_data, result.cache_len
+
+
+async def generate(
+    conn: ServerConnection,
+    session_id: Any,
+    released: Any,
+    input_ids: Any,
+    attention_mask: Any,
+    params: Any,
+) -> torch.Tensor:
+    """A whole generation on the server; returns only the new tokens."""
+    session = _session(conn, session_id, released)
+    model = _model(session)
+    ids = _tensor(session, input_ids, "input_ids")
+    mask = None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
+    parsed = GenerationParams.from_wire(params)
+    executor = conn.server.executor
+    with _busy(session):
+        return await executor.run(inference.run_generate, executor, model, ids, mask, parsed)
+
+
+HANDLERS = {
+    fn.__name__: fn
+    for fn in (
+        ping,
+        echo,
+        server_stats,
+        register,
+        upload,
+        commit,
+        open_session,
+        close_session,
+        release,
+        fetch,
+        forward,
+        generate,
+    )
+}

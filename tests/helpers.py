@@ -1,0 +1,101 @@
+"""Test helpers: an in-process server on its own event loop thread, and raw-socket peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from djinn.net import payload
+from djinn.net.frame import NEED_DATA, Frame, FrameDecoder, FrameKind, encode_frame
+from djinn.net.protocol import new_event_loop
+from djinn.server.app import Handler, Server
+from djinn.server.config import ServerConfig
+
+
+class InProcessServer:
+    """A djinn Server on a background event loop, for tests that inject handlers."""
+
+    def __init__(
+        self, store: Path, handlers: Mapping[str, Handler] | None = None, **config: Any
+    ) -> None:
+        self.config = ServerConfig(port=0, device="cpu", store=store, **config)
+        self.handlers = handlers
+        self.loop = new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: Server | None = None
+        self.address = ""
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+
+        async def start() -> None:
+            from djinn.server.handlers import HANDLERS
+
+            self.server = Server(self.config, {**HANDLERS, **(self.handlers or {})})
+            host, port = await self.server.start()
+            self.address = f"{host}:{port}"
+
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class RawPeer:
+    """A client that speaks frames by hand, to send what a real client never would."""
+
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.decoder = FrameDecoder()
+
+    def send_frame(self, kind: FrameKind, control: bytes, request_id: int = 0) -> None:
+        self.sock.sendall(b"".join(encode_frame(Frame(kind, request_id, control))))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_frame(self) -> Frame | None:
+        """The next frame, or None when the server closed the connection."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not NEED_DATA:
+                assert isinstance(frame, Frame)
+                return frame
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.decoder.receive_data(data)
+
+    def handshake(self) -> dict[str, Any]:
+        self.send_frame(FrameKind.HELLO, payload.dumps({"nonce": os.urandom(32)})[0])
+        challenge = self.read_frame()
+        assert challenge is not None and challenge.kind is FrameKind.CHALLENGE
+        self.send_frame(FrameKind.AUTH, payload.dumps({"proof": None})[0])
+        welcome = self.read_frame()
+        assert welcome is not None and welcome.kind is FrameKind.WELCOME, welcome
+        return payload.loads(welcome.control, welcome.buffers)
+
+    def is_closed(self) -> bool:
+        """True once the server has closed its side (reads return EOF)."""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
