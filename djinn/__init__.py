@@ -7,6 +7,8 @@ when user code reads them.
 
 from djinn.client import AsyncClient, Client, connect
 from djinn.errors import DjinnError
+from djinn.model import RemoteModel
+from djinn.tensor import RemoteTensor
 
 __version__ = "0.1.0"
 
@@ -14,6 +16,8 @@ __all__ = [
     "AsyncClient",
     "Client",
     "DjinnError",
+    "RemoteModel",
+    "RemoteTensor",
     "__version__",
     "connect",
 ]

@@ -33,6 +33,18 @@ def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
 
 
+def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensors exactly when they view the same memory the same way."""
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
 def unique_tensors(
     state: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
@@ -46,14 +58,7 @@ def unique_tensors(
     seen: dict[tuple[Any, ...], str] = {}
     aliases: list[tuple[str, str]] = []
     for name, tensor in state.items():
-        key = (
-            tensor.device,
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.dtype,
-        )
+        key = storage_key(tensor)
         if key in seen and tensor.numel():
             aliases.append((name, seen[key]))
         else:

@@ -35,6 +35,8 @@ def test_public_api_is_pinned() -> None:
             "AsyncClient",
             "Client",
             "DjinnError",
+            "RemoteModel",
+            "RemoteTensor",
             "__version__",
             "connect",
         ]

@@ -19,6 +19,7 @@ from djinn.generation import GenerationParams
 from djinn.net.payload import Ref
 from djinn.server import inference
 from djinn.server.sessions import Session
+from djinn.tree import map_tree
 
 if TYPE_CHECKING:
     from djinn.server.connection import ServerConnection
@@ -194,6 +195,35 @@ async def generate(
         return await executor.run(inference.run_generate, executor, model, ids, mask, parsed)
 
 
+async def call(
+    conn: ServerConnection,
+    session_id: Any,
+    released: Any,
+    args: Any,
+    kwargs: Any,
+    keep_over: Any,
+    ref_ids: Any,
+) -> tuple[Any, dict[int, tuple[tuple[int, ...], torch.dtype]]]:
+    """Call a plain module. Outputs over `keep_over` bytes stay under `ref_ids`;
+    returns the outputs (kept ones as Refs) and the shape and dtype of each kept one."""
+    session = _session(conn, session_id, released)
+    model = _model(session)
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict) or type(keep_over) is not int:
+        raise RemoteUsageError("cannot call the module: malformed arguments")
+    if not isinstance(ref_ids, list) or not all(type(i) is int for i in ref_ids):
+        raise RemoteUsageError("cannot call the module: malformed reference ids")
+    resolve = lambda x: session.get(x) if isinstance(x, Ref) else x  # noqa: E731
+    args, kwargs = map_tree(args, resolve), map_tree(kwargs, resolve)
+    executor = conn.server.executor
+    with _busy(session):
+        out, kept = await executor.run(
+            inference.call_module, executor, model, args, kwargs, keep_over, ref_ids
+        )
+    for ref_id, tensor in kept.items():
+        session.put(Ref(ref_id), tensor)
+    return out, {ref_id: (tuple(t.shape), t.dtype) for ref_id, t in kept.items()}
+
+
 HANDLERS = {
     fn.__name__: fn
     for fn in (
@@ -209,5 +239,6 @@ HANDLERS = {
         fetch,
         forward,
         generate,
+        call,
     )
 }

@@ -14,8 +14,10 @@ import torch
 
 from djinn.errors import RemoteUsageError
 from djinn.generation import GenerationParams, generate
+from djinn.net.payload import Ref
 from djinn.server.executor import Executor
 from djinn.server.models import LoadedModel
+from djinn.tree import map_tree
 
 LOGITS_MODES = ("all", "last", "ref", "none")
 CACHE_MODES = ("data", "ref", "none")
@@ -139,3 +141,31 @@ def run_generate(
 
     tokens = generate(step, ids, params, mask)
     return executor.to_host(tokens[:, input_ids.shape[1] :])
+
+
+def call_module(
+    executor: Executor,
+    model: LoadedModel,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    keep_over: int,
+    ref_ids: list[int],
+) -> tuple[Any, dict[int, torch.Tensor]]:
+    """Run a plain module. Output tensors over `keep_over` bytes stay on the device under
+    the given reference ids (while ids last); the rest come back on the host."""
+    to_device = lambda x: executor.to_device(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    out = model.module(*map_tree(args, to_device), **map_tree(kwargs, to_device))
+    kept: dict[int, torch.Tensor] = {}
+    ids = iter(ref_ids)
+
+    def leaf(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.nbytes > keep_over:
+            ref_id = next(ids, None)
+            if ref_id is not None:
+                kept[ref_id] = value
+                return Ref(ref_id)
+        return executor.to_host(value)
+
+    return map_tree(out, leaf), kept

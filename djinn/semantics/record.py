@@ -1,0 +1,57 @@
+"""The decision record: why each byte crossed the wire (or did not)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from djinn.semantics.lifecycle import Lifecycle
+from djinn.semantics.policy import Decision
+
+# Recent decisions kept in full; totals cover all of them.
+RECORD_CAPACITY: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    op: str
+    value: str
+    lifecycle: Lifecycle
+    decision: Decision
+    bytes: int  # payload bytes that crossed the wire for this value (0 for a reference)
+
+
+class DecisionLog:
+    """The last RECORD_CAPACITY decisions, plus byte totals per lifecycle for all of them."""
+
+    def __init__(self, capacity: int = RECORD_CAPACITY) -> None:
+        self._records: deque[DecisionRecord] = deque(maxlen=capacity)
+        self._totals: dict[tuple[Lifecycle, Decision], list[int]] = {}
+
+    def add(self, record: DecisionRecord) -> None:
+        self._records.append(record)
+        total = self._totals.setdefault((record.lifecycle, record.decision), [0, 0])
+        total[0] += 1
+        total[1] += record.bytes
+
+    def __iter__(self) -> Iterator[DecisionRecord]:
+        return iter(list(self._records))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def by_lifecycle(self) -> dict[str, dict[str, int]]:
+        """{lifecycle: {"data_bytes", "data_values", "references"}} over every decision."""
+        out: dict[str, dict[str, int]] = {}
+        for (lifecycle, decision), (count, nbytes) in self._totals.items():
+            entry = out.setdefault(
+                lifecycle.value, {"data_bytes": 0, "data_values": 0, "references": 0}
+            )
+            if decision is Decision.DATA:
+                entry["data_bytes"] += nbytes
+                entry["data_values"] += count
+            else:
+                entry["references"] += count
+        return out
