@@ -50,15 +50,23 @@ class ServerError(DjinnError):
 
     `remote_type` names the server-side exception class and
     `remote_traceback` holds its formatted traceback (empty when the server
-    chose not to share it).
+    chose not to share it). `op_index` is set when a queued RemoteTensor
+    operation failed: its position in the batch the server ran.
     """
 
     code = "server"
 
-    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        remote_type: str = "",
+        remote_traceback: str = "",
+        op_index: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+        self.op_index = op_index
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -131,7 +139,9 @@ VERSION_CODE = "version"
 AUTH_CODE = "auth"
 
 
-def error_from_wire(code: str, message: str, remote_type: str, traceback: str) -> DjinnError:
+def error_from_wire(
+    code: str, message: str, remote_type: str, traceback: str, op_index: int | None = None
+) -> DjinnError:
     """Rebuild the typed error a server reported in an ERROR frame."""
     if code == PROTOCOL_CODE:
         return LocalProtocolError(message)
@@ -139,4 +149,4 @@ def error_from_wire(code: str, message: str, remote_type: str, traceback: str) -
         return VersionMismatchError(message)
     if code == AUTH_CODE:
         return AuthenticationError(message)
-    return _BY_CODE.get(code, ServerError)(message, remote_type, traceback)
+    return _BY_CODE.get(code, ServerError)(message, remote_type, traceback, op_index)

@@ -73,7 +73,8 @@ class _Facts:
     """What the client knows of the model without asking: enough to plan a call."""
 
     vocab_size: int
-    logits_itemsize: int
+    logits_dtype: torch.dtype
+    max_positions: int | None
     eos_token_id: tuple[int, ...]
     pad_token_id: int | None
 
@@ -87,9 +88,11 @@ class _Facts:
         if server_dtype != "auto":
             dtype = getattr(torch, server_dtype)
         generation = getattr(model, "generation_config", None)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         return cls(
             vocab_size=int(vocab or 0),
-            logits_itemsize=dtype.itemsize,
+            logits_dtype=dtype,
+            max_positions=positions if isinstance(positions, int) else None,
             eos_token_id=eos_ids(getattr(generation, "eos_token_id", None)),
             pad_token_id=getattr(generation, "pad_token_id", None),
         )
@@ -129,7 +132,9 @@ class RemoteModel:
         try:
             spec, tensors = describe(model)
             uploaded = register(self._client, spec, tensors, self._meter)
-            self._session = RemoteSession(self._client, spec["fingerprint"], self._meter)
+            self._session = RemoteSession(
+                self._client, spec["fingerprint"], self._meter, self.policy
+            )
         except BaseException:
             if self._owns_client:
                 self._client.close()
@@ -214,7 +219,7 @@ class RemoteModel:
             cache._check_session(self._session, "a KV cache")
         batch, seq = ids.shape
         phase = detect_phase(_cache_length(cache))
-        row = batch * self._facts.vocab_size * self._facts.logits_itemsize
+        row = batch * self._facts.vocab_size * self._facts.logits_dtype.itemsize
         last = self._decide("logits[:, -1]", Lifecycle.OUTPUT, row, phase)
         rest = (
             self._decide("logits[:, :-1]", Lifecycle.ACTIVATION, row * (seq - 1), phase)
@@ -228,18 +233,40 @@ class RemoteModel:
         logits_ref = self._session.new_ref()
         cache_ref = cache.ref if isinstance(cache, RemoteCache) else self._session.new_ref()
         cache_wire = cache.ref if isinstance(cache, RemoteCache) else _cache_layers(cache)
-        logits, layers, length = self._session.call(
-            "forward",
-            ids.ref if isinstance(ids, RemoteTensor) else ids,
-            cache_wire,
-            mask.ref if isinstance(mask, RemoteTensor) else mask,
-            (logits_mode, logits_ref.id, cache_mode, cache_ref.id),
-        )
+        ids_wire = ids.ref if isinstance(ids, RemoteTensor) else ids
+        mask_wire = mask.ref if isinstance(mask, RemoteTensor) else mask
         self._record_input("forward", "input_ids", ids)
         if cache is not None:
             sent = 0 if isinstance(cache, RemoteCache) else _nbytes(cache_wire)
-            self._record(
-                "forward", "past_key_values", Lifecycle.SESSION_STATE, _R if not sent else _D, sent
+            decision = _R if isinstance(cache, RemoteCache) else _D
+            self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, decision, sent)
+        if logits_mode == "ref" and cache_mode != "data":
+            # Nothing comes back: queue it with the work that will read its results.
+            self._check_ids(ids, _cache_length(cache))
+            self._session.enqueue(
+                (
+                    "forward",
+                    ids_wire,
+                    cache_wire,
+                    mask_wire,
+                    logits_ref.id,
+                    cache_ref.id,
+                    use_cache,
+                ),
+                "forward",
+            )
+            logits: Any = (
+                (batch, seq, self._facts.vocab_size),
+                self._facts.logits_dtype,
+            )
+            layers, length = None, _cache_length(cache) + seq
+        else:
+            logits, layers, length = self._session.call(
+                "forward",
+                ids_wire,
+                cache_wire,
+                mask_wire,
+                (logits_mode, logits_ref.id, cache_mode, cache_ref.id),
             )
         if logits_mode == "ref":
             shape, dtype = logits
@@ -260,6 +287,26 @@ class RemoteModel:
             self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, _D, _nbytes(layers))
         self._session.flush()
         return RemoteOutput(logits, out_cache)
+
+    def _check_ids(self, ids: torch.Tensor | RemoteTensor, cached: int) -> None:
+        """The server's checks, made here for a call that is only queued, so a bad
+        input still fails at the line that passed it."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise UsageError(
+                    f"cannot run the model: input_ids must be integers, got {ids.dtype}"
+                )
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._facts.vocab_size):
+                raise UsageError(
+                    f"cannot run the model: input_ids holds a token outside the vocabulary "
+                    f"[0, {self._facts.vocab_size})"
+                )
+        limit = self._facts.max_positions
+        if limit is not None and cached + ids.shape[1] > limit:
+            raise UsageError(
+                f"cannot run the model: {cached} cached + {ids.shape[1]} new tokens exceed "
+                f"its {limit} positions"
+            )
 
     def generate(
         self,
@@ -301,7 +348,7 @@ class RemoteModel:
         mask = None if attention_mask is None else self._input(attention_mask, "attention_mask")
         if isinstance(mask, RemoteTensor):
             mask = mask.cpu()
-        row = ids.shape[0] * self._facts.vocab_size * self._facts.logits_itemsize
+        row = ids.shape[0] * self._facts.vocab_size * self._facts.logits_dtype.itemsize
         if self._decide("logits[:, -1]", Lifecycle.OUTPUT, row, detect_phase(0)) is _R:
             new = self._session.call("generate", ids, mask, params.to_wire())
             self._record_input("generate", "input_ids", ids)
@@ -350,6 +397,11 @@ class RemoteModel:
             self._record(op, name, Lifecycle.ACTIVATION, _R, 0)
         else:
             self._record(op, name, Lifecycle.ACTIVATION, _D, value.nbytes)
+
+    def synchronize(self) -> None:
+        """Run queued work now (as torch.cuda.synchronize does for a GPU): its errors
+        surface here, and server memory reflects it."""
+        self._session.call("release")
 
     # -- bookkeeping --------------------------------------------------------------------
 

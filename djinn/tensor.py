@@ -1,26 +1,36 @@
 """Handles to values the server holds: RemoteTensor and RemoteCache.
 
-A handle knows what it needs to answer without a round trip (a tensor's
-shape and dtype, a cache's length). Reading a tensor's values (`.cpu()`,
-`.tolist()`, `.numpy()`, `.item()`, `torch.as_tensor`) fetches them. When a
-handle is garbage-collected, its server-side value is released with the
-session's next call.
+Plain PyTorch works on a RemoteTensor: torch functions, tensor methods,
+operators and indexing run on the server (see djinn.ops for which). Each
+result's shape and dtype are inferred here on meta tensors, so the
+operation is only queued; then the session's policy decides per result:
+a small one comes back as a plain tensor at once (one round trip for the
+whole queued chain), a large one stays on the server as a new RemoteTensor.
+Reading a RemoteTensor (`.cpu()`, `.tolist()`, `.item()`, `bool()`,
+`print()`, `torch.as_tensor`) fetches it. A handle that is garbage-collected
+releases its server value with the session's next call.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import torch
 
+from djinn import ops
 from djinn.errors import UsageError
 from djinn.net.payload import Ref
+from djinn.semantics import Decision, DecisionRecord, Lifecycle, Phase, Value
+from djinn.tree import map_tree
 
 if TYPE_CHECKING:
     from djinn.session import RemoteSession
+
+# Ids offered for the outputs of an operation whose structure meta tensors cannot infer.
+_UNKNOWN_OUTPUTS: Final = 16
 
 
 class _Handle:
@@ -50,6 +60,7 @@ class RemoteTensor(_Handle):
     """A tensor that lives on the server. Shape and dtype are known here; values cross when read."""
 
     __slots__ = ("dtype", "shape")
+    __hash__ = object.__hash__  # == builds a tensor, as it does for torch.Tensor
 
     def __init__(
         self, session: RemoteSession, ref: Ref, shape: tuple[int, ...], dtype: torch.dtype
@@ -57,6 +68,8 @@ class RemoteTensor(_Handle):
         super().__init__(session, ref)
         self.shape = torch.Size(shape)
         self.dtype = dtype
+
+    # -- what is known without a round trip ---------------------------------------
 
     @property
     def ndim(self) -> int:
@@ -80,9 +93,13 @@ class RemoteTensor(_Handle):
             raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
 
+    # -- reading: these cross the wire ------------------------------------------------
+
     def cpu(self) -> torch.Tensor:
-        """Fetch the values: one round trip moving `nbytes`."""
-        return self._session.fetch(self._ref)
+        """Fetch the values: one round trip moving `nbytes` (and running queued work)."""
+        [value] = self._session.fetch([self._ref])
+        _record(self._session, "read", "value", Decision.DATA, value.nbytes)
+        return value
 
     def numpy(self) -> np.ndarray:
         return self.cpu().numpy()
@@ -95,6 +112,9 @@ class RemoteTensor(_Handle):
             raise UsageError(f"cannot call item() on a tensor of {self.numel()} elements")
         return self.cpu().item()
 
+    def __bool__(self) -> bool:
+        return bool(self.cpu())
+
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         array = self.numpy()
         return array.astype(dtype) if dtype is not None else array
@@ -106,10 +126,13 @@ class RemoteTensor(_Handle):
     def __dlpack_device__(self) -> tuple[int, int]:
         return (1, 0)  # kDLCPU: fetched values arrive in host memory
 
+    def __str__(self) -> str:
+        return f"RemoteTensor({self.cpu()})"
+
     def __repr__(self) -> str:
         return f"RemoteTensor(shape={list(self.shape)}, dtype={self.dtype}, ref={self._ref.id})"
 
-    # -- torch interop: reading into a local tensor ------------------------------
+    # -- operations: these run on the server ------------------------------------------
 
     @classmethod
     def __torch_function__(
@@ -119,15 +142,153 @@ class RemoteTensor(_Handle):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if func in _MATERIALIZERS and args and isinstance(args[0], RemoteTensor):
-            return func(args[0].cpu(), *args[1:], **(kwargs or {}))
-        raise UsageError(
-            f"cannot run {getattr(func, '__name__', func)} on a RemoteTensor here: "
-            "read it with .cpu() first"
+        return apply(func, args, kwargs or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ops.TENSOR_METHODS:
+            method = getattr(torch.Tensor, name)
+            return lambda *args, **kwargs: apply(method, (self, *args), kwargs)
+        raise AttributeError(
+            f"RemoteTensor has no attribute {name!r}: it runs the tensor operations in "
+            "djinn.ops on the server; read it with .cpu() for anything else"
         )
 
+    @property
+    def T(self) -> Any:  # torch's name
+        return apply(torch.Tensor.t, (self,), {})
 
-_MATERIALIZERS = {torch.as_tensor, torch.tensor, torch.asarray}
+
+def _operator(name: str) -> Callable[..., Any]:
+    method = getattr(torch.Tensor, name)
+
+    def run(self: RemoteTensor, *args: Any) -> Any:
+        return apply(method, (self, *args), {})
+
+    run.__name__ = name
+    return run
+
+
+for _name in sorted(ops.TENSOR_METHODS):
+    if _name.startswith("__"):
+        setattr(RemoteTensor, _name, _operator(_name))
+
+
+def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Queue `func(*args, **kwargs)` on the server; small results come back at once.
+
+    Raises UsageError for an operation djinn does not run remotely or one that
+    mixes references of two sessions, and what torch raises for bad shapes.
+    """
+    name = ops.name_of(func)
+    label = getattr(func, "__name__", repr(func))
+    if name is None:
+        raise UsageError(
+            f"cannot run {label} on a RemoteTensor: it is not among the operations djinn runs "
+            "on the server (djinn.ops); read the tensor with .cpu() first"
+        )
+    session = _session_of(label, args, kwargs)
+
+    def to_wire(value: Any) -> Any:
+        return value.ref if isinstance(value, RemoteTensor) else value
+
+    wire_args, wire_kwargs = map_tree(args, to_wire), map_tree(kwargs, to_wire)
+    try:
+        inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+    except NotImplementedError:  # a data-dependent shape: ask the server
+        index = session.queued
+        ids = [session.new_ref().id for _ in range(_UNKNOWN_OUTPUTS)]
+        session.enqueue(("op", name, wire_args, wire_kwargs, ids, True), label)
+        structure, metas = session.describe()[index]
+        result = map_tree(structure, lambda v: _handle(session, v, metas))
+    else:
+        outputs: list[RemoteTensor] = []
+
+        def handle(meta: Any) -> Any:
+            if not isinstance(meta, torch.Tensor):
+                return meta
+            outputs.append(RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype))
+            return outputs[-1]
+
+        result = _rebuild(inferred, handle)
+        ids = [t.ref.id for t in outputs]
+        session.enqueue(("op", name, wire_args, wire_kwargs, ids, False), label)
+    _record_inputs(session, label, args, kwargs)
+    return _settle(session, label, result)
+
+
+def _session_of(label: str, args: Any, kwargs: Any) -> RemoteSession:
+    sessions: list[RemoteSession] = []
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, RemoteTensor) and all(s is not value._session for s in sessions):
+            sessions.append(value._session)
+        return value
+
+    map_tree((args, kwargs), visit)
+    if len(sessions) != 1:
+        raise UsageError(
+            f"cannot run {label}: it mixes tensors of {len(sessions)} sessions; "
+            "server values belong to the RemoteModel that made them; fetch one with .cpu()"
+        )
+    return sessions[0]
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, RemoteTensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    return value
+
+
+def _rebuild(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """map_tree that keeps torch's named result tuples (topk's .values, .indices)."""
+    if isinstance(value, tuple) and type(value) is not tuple:
+        return type(value)(tuple(_rebuild(v, fn) for v in value))
+    return map_tree(value, fn)
+
+
+def _handle(session: RemoteSession, value: Any, metas: dict[int, Any]) -> Any:
+    if isinstance(value, Ref):
+        shape, dtype = metas[value.id]
+        return RemoteTensor(session, value, shape, dtype)
+    return value
+
+
+def _settle(session: RemoteSession, label: str, result: Any) -> Any:
+    """Fetch the results the policy wants as data (small ones); keep the rest remote."""
+    remote: list[RemoteTensor] = []
+    _rebuild(result, lambda v: remote.append(v) if isinstance(v, RemoteTensor) else None)
+    wanted = [
+        t
+        for t in remote
+        if session.policy.decide(Value(label, Lifecycle.OUTPUT, t.nbytes, Phase.DECODE, True))
+        is Decision.DATA
+    ]
+    for _ in range(len(remote) - len(wanted)):
+        _record(session, label, "output", Decision.REFERENCE, 0)
+    if not wanted:
+        return result
+    values = dict(zip(map(id, wanted), session.fetch([t.ref for t in wanted]), strict=True))
+    for value in values.values():
+        _record(session, label, "output", Decision.DATA, value.nbytes)
+    return _rebuild(result, lambda v: values.get(id(v), v))
+
+
+def _record_inputs(session: RemoteSession, label: str, args: Any, kwargs: Any) -> None:
+    def visit(value: Any) -> Any:
+        if isinstance(value, RemoteTensor):
+            _record(session, label, "input", Decision.REFERENCE, 0)
+        elif isinstance(value, torch.Tensor):
+            _record(session, label, "input", Decision.DATA, value.nbytes)
+        return value
+
+    map_tree((args, kwargs), visit)
+
+
+def _record(session: RemoteSession, op: str, value: str, decision: Decision, nbytes: int) -> None:
+    lifecycle = Lifecycle.OUTPUT if value != "input" else Lifecycle.ACTIVATION
+    session.record(DecisionRecord(op, value, lifecycle, decision, nbytes))
 
 
 class RemoteCache(_Handle):

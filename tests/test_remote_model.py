@@ -18,7 +18,6 @@ from djinn.errors import (
     RemoteUsageError,
     UsageError,
 )
-from djinn.net.payload import Ref
 from djinn.semantics import Decision, Lifecycle
 from djinn.server.process import ServerProcess
 from djinn.tensor import RemoteCache
@@ -236,7 +235,7 @@ def test_another_sessions_cache_is_refused(
             b(prompt(length=1), past_key_values=cache)
         # forging it past the client's check: the server does not hold it for b
         with pytest.raises(LostReferenceError, match="does not hold it"):
-            client.call("fetch", b._session.id, [], Ref(cache.ref.id))
+            client.call("run", b._session.id, ([], []), [cache.ref.id])
 
 
 def test_session_memory_is_freed_on_close_and_on_disconnect(fresh: ServerProcess) -> None:
@@ -244,6 +243,7 @@ def test_session_memory_is_freed_on_close_and_on_disconnect(fresh: ServerProcess
     with djinn.connect(fresh.address) as observer:
         rm = RemoteModel(model, fresh.address)
         out = rm(prompt(length=50))
+        rm.synchronize()
         stats = observer.server_stats()
         assert stats["sessions"] == 1 and stats["resident_bytes"] > 0
         del out
@@ -253,6 +253,7 @@ def test_session_memory_is_freed_on_close_and_on_disconnect(fresh: ServerProcess
 
         rm = RemoteModel(model, fresh.address)
         kept = rm(prompt(length=50))
+        rm.synchronize()
         assert observer.server_stats()["resident_bytes"] > 0
         rm._client.close()  # the connection drops without a goodbye
         deadline = time.monotonic() + 5
@@ -270,13 +271,14 @@ def test_dropped_remote_tensors_free_server_memory(fresh: ServerProcess) -> None
         for _ in range(30):
             out = rm(prompt(length=8), past_key_values=cache)  # the last step's logits drop here
             cache = out.past_key_values
-        rm(prompt(length=1), past_key_values=cache)  # carries the pending releases
+        rm(prompt(length=1), past_key_values=cache)
+        rm.synchronize()  # runs the queued steps, then frees what was dropped
         logits = 8 * VOCAB * 4
         kv = 2 * config.n_layer * (30 * 8 + 1) * config.n_embd * 4
         resident = observer.server_stats()["resident_bytes"]
         assert kv <= resident < kv + 3 * logits  # not 30 steps' worth of logits
         del out, cache
-        rm(prompt(length=1))
+        rm.synchronize()
         assert observer.server_stats()["resident_bytes"] < 3 * logits
 
 
@@ -290,6 +292,7 @@ def test_idle_session_lease_expires(tmp_path: Path) -> None:
         assert observer.server_stats()["sessions"] == 0
         with pytest.raises(LostReferenceError, match="closed, expired"):
             rm(prompt(length=1), past_key_values=out.past_key_values)
+            rm.synchronize()
         rm.close()
 
 
@@ -338,18 +341,28 @@ def test_local_only_module_methods_explain_themselves(
 def test_bad_inputs_get_clear_errors(
     server: ServerProcess, models: dict[str, torch.nn.Module]
 ) -> None:
+    # under full the call is only queued: the client checks what the server would
     with RemoteModel(models["gpt2"], server.address) as rm:
-        with pytest.raises(RemoteUsageError, match="outside the vocabulary"):
+        with pytest.raises(UsageError, match="outside the vocabulary"):
             rm(torch.tensor([[VOCAB + 5]]))
-        with pytest.raises(RemoteUsageError, match="exceed its 256 positions"):
+        with pytest.raises(UsageError, match="exceed its 256 positions"):
             rm(torch.zeros(1, 300, dtype=torch.long))
         with pytest.raises(UsageError, match=r"expected \[batch, seq\]"):
             rm(torch.zeros(5, dtype=torch.long))
         with pytest.raises(UsageError, match="cannot pass output_attentions"):
             rm(prompt(), output_attentions=True)
-        with pytest.raises(RemoteUsageError, match="must be integers"):
+        with pytest.raises(UsageError, match="must be integers"):
             rm(torch.zeros(1, 3))
         assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)  # still usable
+    # under the others the server answers at once, with the same words
+    with RemoteModel(models["gpt2"], server.address, policy="semantic_blind") as rm:
+        with pytest.raises(RemoteUsageError, match="outside the vocabulary"):
+            rm(torch.tensor([[VOCAB + 5]]))
+        with pytest.raises(RemoteUsageError, match="exceed its 256 positions"):
+            rm(torch.zeros(1, 300, dtype=torch.long))
+        with pytest.raises(RemoteUsageError, match="must be integers"):
+            rm(torch.zeros(1, 3))
+        assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)
 
 
 def test_unknown_policy_names_the_choices(

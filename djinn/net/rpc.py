@@ -71,11 +71,13 @@ def decode_reply(frame: Frame) -> Any:
     if frame.kind is FrameKind.ERROR:
         if not isinstance(value, dict):
             raise RemoteProtocolError("cannot read error: malformed error frame")
+        op = value.get("op")
         raise error_from_wire(
             str(value.get("code", "")),
             str(value.get("message", "")),
             str(value.get("type", "")),
             str(value.get("traceback", "")),
+            op if type(op) is int else None,
         )
     return value
 

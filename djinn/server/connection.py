@@ -31,6 +31,7 @@ from djinn.errors import (
 from djinn.net import handshake, payload
 from djinn.net.frame import DEFAULT_LIMITS, HANDSHAKE_LIMITS, Frame, FrameKind
 from djinn.net.protocol import FrameProtocol
+from djinn.server.inference import OpFailed
 
 if TYPE_CHECKING:
     from djinn.server.app import Handler, Server
@@ -197,17 +198,27 @@ class ServerConnection:
             self.protocol.send(frame)
 
     def _send_error(self, request_id: int, exc: BaseException, code: str | None = None) -> None:
+        op = exc.index if isinstance(exc, OpFailed) else None
         message, remote_type, trace = str(exc), type(exc).__name__, ""
-        if code is None:
+        if isinstance(exc, OpFailed):
+            remote_type = type(exc.cause).__name__
+            code, trace = _classify(exc.cause)
+            if code == ServerError.code and isinstance(exc.cause, _USER_MISTAKES):
+                code, trace = RemoteUsageError.code, ""  # torch refusing the user's shapes
+        elif code is None:
             code, trace = _classify(exc)
         if isinstance(exc, ServerError):
             message = exc.args[0] if exc.args else ""
-        body = {"code": code, "message": message, "type": remote_type, "traceback": trace}
+        body = {"code": code, "message": message, "type": remote_type, "traceback": trace, "op": op}
         try:
             self._send(Frame(FrameKind.ERROR, request_id, payload.dumps(body)[0]))
         except ProtocolError:  # the message itself is too large: send its head
             body["message"], body["traceback"] = message[:4096], ""
             self._send(Frame(FrameKind.ERROR, request_id, payload.dumps(body)[0]))
+
+
+# What torch raises for a wrong shape, dtype or index in a user's operation.
+_USER_MISTAKES = (RuntimeError, TypeError, ValueError, IndexError)
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:

@@ -1,20 +1,20 @@
 """The dispatch table: every method a client may call, with its arguments checked.
 
 Each handler runs on the event loop and sends model work to the device
-thread. Session-scoped calls take the session id first and the references
-the client has dropped since its last call (released before the call runs,
-so freeing memory costs no round trip of its own).
+thread. Session-scoped calls take the session id first, then a prelude:
+the references the client has dropped and the operations it has queued
+since its last call, so neither costs a round trip of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from djinn.errors import RemoteUsageError
+from djinn.errors import LostReferenceError, RemoteUsageError
 from djinn.generation import GenerationParams
 from djinn.net.payload import Ref
 from djinn.server import inference
@@ -69,30 +69,55 @@ async def open_session(conn: ServerConnection, fingerprint: Any) -> str:
 
 
 def close_session(conn: ServerConnection, session_id: Any) -> None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(LostReferenceError):  # closing twice is fine
         session = conn.server.sessions.find(conn, session_id)
         conn.server.sessions.close(session, reason="closed by the client")
 
 
-def release(conn: ServerConnection, session_id: Any, ids: Any) -> None:
-    _session(conn, session_id, ids)
+@contextlib.asynccontextmanager
+async def _in_session(
+    conn: ServerConnection, session_id: Any, prelude: Any
+) -> AsyncIterator[tuple[Session, dict[int, Any]]]:
+    """Enter a session call: its queued operations run first, its releases last.
 
-
-@contextlib.contextmanager
-def _busy(session: Session) -> Iterator[Session]:
-    session.busy += 1
-    try:
-        yield session
-    finally:
-        session.busy -= 1
-
-
-def _session(conn: ServerConnection, session_id: Any, released: Any) -> Session:
+    The prelude is (released reference ids, queued operations). Releases go
+    after the call because a queued operation may still read a value the
+    client has already dropped. Calls of one session run one at a time.
+    """
     session = conn.server.sessions.find(conn, session_id)
-    if not isinstance(released, list) or not all(type(i) is int for i in released):
-        raise RemoteUsageError("cannot release: expected a list of reference ids")
-    session.release(released)
-    return session
+    if not (
+        isinstance(prelude, tuple)
+        and len(prelude) == 2
+        and isinstance(prelude[0], list)
+        and all(type(i) is int for i in prelude[0])
+        and isinstance(prelude[1], list)
+    ):
+        raise RemoteUsageError("cannot call: malformed session prelude")
+    released, ops = prelude
+    async with session.lock:
+        session.busy += 1
+        try:
+            described: dict[int, Any] = {}
+            if ops:
+                executor = conn.server.executor
+                try:
+                    batch = await executor.run(inference.run_ops, executor, session, ops)
+                except inference.OpFailed as failed:
+                    _keep(session, failed.done)  # what ran before the failure stays usable
+                    raise
+                _keep(session, batch)
+                described = batch.described
+            yield session, described
+        finally:
+            session.busy -= 1
+            session.release(released)
+
+
+def _keep(session: Session, batch: inference.Batch) -> None:
+    for ref_id, value in batch.produced.items():
+        session.put(Ref(ref_id), value)
+    for ref in batch.grown:
+        session.resize(ref)
 
 
 def _model(session: Session) -> Any:
@@ -109,19 +134,29 @@ def _tensor(session: Session, value: Any, name: str) -> torch.Tensor:
     return value
 
 
-async def fetch(conn: ServerConnection, session_id: Any, released: Any, ref: Any) -> torch.Tensor:
-    session = _session(conn, session_id, released)
-    if not isinstance(ref, Ref):
-        raise RemoteUsageError("cannot fetch: expected a reference")
-    value = _tensor(session, ref, "the reference")
-    with _busy(session):
-        return await conn.server.executor.run(conn.server.executor.to_host, value)
+async def release(conn: ServerConnection, session_id: Any, prelude: Any) -> None:
+    async with _in_session(conn, session_id, prelude):
+        pass
+
+
+async def run(
+    conn: ServerConnection, session_id: Any, prelude: Any, fetch: Any
+) -> tuple[dict[int, torch.Tensor], dict[int, Any]]:
+    """Run the queued operations; return the values of `fetch` (reference ids) and the
+    output structure of operations the client could not infer."""
+    if not isinstance(fetch, list) or not all(type(i) is int for i in fetch):
+        raise RemoteUsageError("cannot fetch: expected a list of reference ids")
+    async with _in_session(conn, session_id, prelude) as (session, described):
+        values = [session.get(Ref(i)) for i in fetch]
+        executor = conn.server.executor
+        host = await executor.run(lambda: [executor.to_host(v) for v in values])
+        return dict(zip(fetch, host, strict=True)), described
 
 
 async def forward(
     conn: ServerConnection,
     session_id: Any,
-    released: Any,
+    prelude: Any,
     input_ids: Any,
     cache: Any,
     attention_mask: Any,
@@ -132,8 +167,6 @@ async def forward(
     Returns (logits, cache, cache length): logits as data or as (shape, dtype)
     when kept under its reference; the cache as a list of (k, v) pairs or None.
     """
-    session = _session(conn, session_id, released)
-    model = _model(session)
     if not (
         isinstance(want, tuple)
         and len(want) == 4
@@ -143,62 +176,53 @@ async def forward(
     ):
         raise RemoteUsageError("cannot run the model: malformed output modes")
     logits_mode, logits_ref, cache_mode, cache_ref = want
-    ids = _tensor(session, input_ids, "input_ids")
-    mask = None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
-    cache_in: Any = None
-    if isinstance(cache, Ref):
-        cache_in = session.get(cache)
-        if not hasattr(cache_in, "get_seq_length"):
-            raise RemoteUsageError(f"cannot run the model: reference {cache.id} is not a KV cache")
-    elif isinstance(cache, list):
-        if not all(
-            isinstance(p, tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p)
-            for p in cache
-        ):
-            raise RemoteUsageError("cannot run the model: cache must be a list of (keys, values)")
-        cache_in = cache
-    elif cache is not None:
-        raise RemoteUsageError("cannot run the model: cache must be a reference, layers, or None")
-    executor = conn.server.executor
-    with _busy(session):
+    async with _in_session(conn, session_id, prelude) as (session, _):
+        model = _model(session)
+        ids = _tensor(session, input_ids, "input_ids")
+        mask = (
+            None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
+        )
+        cache_in = inference.resolve_cache(session, cache)
+        executor = conn.server.executor
         result = await executor.run(
             inference.forward, executor, model, ids, cache_in, mask, logits_mode, cache_mode
         )
-    logits: Any = result.logits
-    if logits_mode == "ref":
-        session.put(Ref(logits_ref), result.logits)
-        logits = (tuple(result.logits.shape), result.logits.dtype)
-    if cache_mode == "ref" and result.cache is not None:
-        if isinstance(cache, Ref):
-            session.resize(cache)  # the cache grew in place
-        else:
-            session.put(Ref(cache_ref), result.cache)
-    return logits, result.cache_data, result.cache_len
+        logits: Any = result.logits
+        if logits_mode == "ref":
+            session.put(Ref(logits_ref), result.logits)
+            logits = (tuple(result.logits.shape), result.logits.dtype)
+        if cache_mode == "ref" and result.cache is not None:
+            if isinstance(cache, Ref):
+                session.resize(cache)  # the cache grew in place
+            else:
+                session.put(Ref(cache_ref), result.cache)
+        return logits, result.cache_data, result.cache_len
 
 
 async def generate(
     conn: ServerConnection,
     session_id: Any,
-    released: Any,
+    prelude: Any,
     input_ids: Any,
     attention_mask: Any,
     params: Any,
 ) -> torch.Tensor:
     """A whole generation on the server; returns only the new tokens."""
-    session = _session(conn, session_id, released)
-    model = _model(session)
-    ids = _tensor(session, input_ids, "input_ids")
-    mask = None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
     parsed = GenerationParams.from_wire(params)
-    executor = conn.server.executor
-    with _busy(session):
+    async with _in_session(conn, session_id, prelude) as (session, _):
+        model = _model(session)
+        ids = _tensor(session, input_ids, "input_ids")
+        mask = (
+            None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
+        )
+        executor = conn.server.executor
         return await executor.run(inference.run_generate, executor, model, ids, mask, parsed)
 
 
 async def call(
     conn: ServerConnection,
     session_id: Any,
-    released: Any,
+    prelude: Any,
     args: Any,
     kwargs: Any,
     keep_over: Any,
@@ -206,22 +230,21 @@ async def call(
 ) -> tuple[Any, dict[int, tuple[tuple[int, ...], torch.dtype]]]:
     """Call a plain module. Outputs over `keep_over` bytes stay under `ref_ids`;
     returns the outputs (kept ones as Refs) and the shape and dtype of each kept one."""
-    session = _session(conn, session_id, released)
-    model = _model(session)
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or type(keep_over) is not int:
         raise RemoteUsageError("cannot call the module: malformed arguments")
     if not isinstance(ref_ids, list) or not all(type(i) is int for i in ref_ids):
         raise RemoteUsageError("cannot call the module: malformed reference ids")
-    resolve = lambda x: session.get(x) if isinstance(x, Ref) else x  # noqa: E731
-    args, kwargs = map_tree(args, resolve), map_tree(kwargs, resolve)
-    executor = conn.server.executor
-    with _busy(session):
+    async with _in_session(conn, session_id, prelude) as (session, _):
+        model = _model(session)
+        resolve = lambda x: session.get(x) if isinstance(x, Ref) else x  # noqa: E731
+        args, kwargs = map_tree(args, resolve), map_tree(kwargs, resolve)
+        executor = conn.server.executor
         out, kept = await executor.run(
             inference.call_module, executor, model, args, kwargs, keep_over, ref_ids
         )
-    for ref_id, tensor in kept.items():
-        session.put(Ref(ref_id), tensor)
-    return out, {ref_id: (tuple(t.shape), t.dtype) for ref_id, t in kept.items()}
+        for ref_id, tensor in kept.items():
+            session.put(Ref(ref_id), tensor)
+        return out, {ref_id: (tuple(t.shape), t.dtype) for ref_id, t in kept.items()}
 
 
 HANDLERS = {
@@ -236,7 +259,7 @@ HANDLERS = {
         open_session,
         close_session,
         release,
-        fetch,
+        run,
         forward,
         generate,
         call,

@@ -15,8 +15,10 @@ import torch
 from djinn.errors import RemoteUsageError
 from djinn.generation import GenerationParams, generate
 from djinn.net.payload import Ref
+from djinn.ops import lookup
 from djinn.server.executor import Executor
 from djinn.server.models import LoadedModel
+from djinn.server.sessions import Session
 from djinn.tree import map_tree
 
 LOGITS_MODES = ("all", "last", "ref", "none")
@@ -47,6 +49,25 @@ def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], confi
 
 def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def resolve_cache(session: Session, cache: Any) -> Any:
+    """A forward's cache argument: a held cache object, host (k, v) pairs, or None."""
+    if isinstance(cache, Ref):
+        held = session.get(cache)
+        if not hasattr(held, "get_seq_length"):
+            raise RemoteUsageError(f"cannot run the model: reference {cache.id} is not a KV cache")
+        return held
+    if isinstance(cache, list):
+        if not all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p)
+            for p in cache
+        ):
+            raise RemoteUsageError("cannot run the model: cache must be a list of (keys, values)")
+        return cache
+    if cache is not None:
+        raise RemoteUsageError("cannot run the model: cache must be a reference, layers, or None")
+    return None
 
 
 def check_ids(model: LoadedModel, ids: torch.Tensor, cached: int, name: str = "input_ids") -> None:
@@ -169,3 +190,104 @@ def call_module(
         return executor.to_host(value)
 
     return map_tree(out, leaf), kept
+
+
+class OpFailed(Exception):
+    """Operation `index` of a queued batch raised `cause`; the batch stopped there."""
+
+    def __init__(self, index: int, name: str, cause: BaseException, done: Batch) -> None:
+        super().__init__(f"cannot run {name}: {type(cause).__name__}: {cause}")
+        self.index = index
+        self.name = name
+        self.cause = cause
+        self.done = done  # what the operations before it produced
+
+
+@dataclass
+class Batch:
+    produced: dict[int, Any]  # new reference id -> value
+    grown: list[Ref]  # held caches that grew in place
+    described: dict[int, Any]  # op index -> (output structure with Refs, {id: (shape, dtype)})
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def run_ops(executor: Executor, session: Session, ops: list[Any]) -> Batch:
+    """Run a client's queued operations in order. Raises OpFailed at the first failure."""
+    batch = Batch({}, [], {})
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, Ref):
+            return batch.produced[value.id] if value.id in batch.produced else session.get(value)
+        if isinstance(value, torch.Tensor):
+            return executor.to_device(value)
+        return value
+
+    for index, op in enumerate(ops):
+        name = op[1] if isinstance(op, tuple) and len(op) > 1 and op[0] == "op" else "forward"
+        try:
+            if isinstance(op, tuple) and len(op) == 6 and op[0] == "op":
+                _run_op(op, resolve, batch, index)
+            elif isinstance(op, tuple) and len(op) == 7 and op[0] == "forward":
+                _run_forward(executor, session, op, resolve, batch)
+            else:
+                raise RemoteUsageError("malformed operation")
+        except Exception as exc:
+            raise OpFailed(index, str(name)[:60], exc, batch) from exc
+    return batch
+
+
+def _run_op(op: tuple[Any, ...], resolve: Any, batch: Batch, index: int) -> None:
+    _, name, args, kwargs, out_ids, describe = op
+    fn = lookup(name)
+    if fn is None:
+        raise RemoteUsageError(f"{name!r} is not an operation a RemoteTensor may run")
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not isinstance(out_ids, list):
+        raise RemoteUsageError("malformed operation")
+    result = fn(*map_tree(args, resolve), **map_tree(kwargs, resolve))
+    tensors = [leaf for leaf in _leaves(result) if isinstance(leaf, torch.Tensor)]
+    if len(tensors) > len(out_ids) or (not describe and len(tensors) != len(out_ids)):
+        raise RemoteUsageError(f"{name} made {len(tensors)} tensors, expected {len(out_ids)}")
+    ids = iter(out_ids)
+    metas: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def store(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        ref_id = next(ids)
+        batch.produced[ref_id] = leaf
+        metas[ref_id] = (tuple(leaf.shape), leaf.dtype)
+        return Ref(ref_id)
+
+    structure = map_tree(tuple(result) if isinstance(result, tuple) else result, store)
+    if describe:
+        batch.described[index] = (structure, metas)
+
+
+def _run_forward(
+    executor: Executor, session: Session, op: tuple[Any, ...], resolve: Any, batch: Batch
+) -> None:
+    _, input_ids, cache, mask, logits_id, cache_id, use_cache = op
+    if session.model is None:
+        raise RemoteUsageError("this session has no model")
+    if type(logits_id) is not int or type(cache_id) is not int:
+        raise RemoteUsageError("malformed forward")
+    ids = resolve(input_ids) if isinstance(input_ids, Ref) else input_ids
+    if not isinstance(ids, torch.Tensor):
+        raise RemoteUsageError("input_ids must be a tensor")
+    held = batch.produced.get(cache.id) if isinstance(cache, Ref) else None
+    cache_in = held if held is not None else resolve_cache(session, cache)
+    mask = resolve(mask) if isinstance(mask, Ref) else mask
+    result = forward(
+        executor, session.model, ids, cache_in, mask, "ref", "ref" if use_cache else "none"
+    )
+    batch.produced[logits_id] = result.logits
+    if result.cache is not None:
+        if isinstance(cache, Ref) and held is None:
+            batch.grown.append(cache)
+        elif not isinstance(cache, Ref):
+            batch.produced[cache_id] = result.cache

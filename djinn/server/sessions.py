@@ -56,6 +56,7 @@ class Session:
         self.last_used = time.monotonic()
         self.busy = 0
         self.closed = False
+        self.lock = asyncio.Lock()  # a session's calls run one at a time
         self._objects: dict[int, Any] = {}
         self._sizes: dict[int, int] = {}
         self.resident_bytes = 0
@@ -74,6 +75,8 @@ class Session:
 
     def put(self, ref: Ref, obj: Any) -> None:
         """Hold `obj` under the client-chosen `ref`; replacing is refused."""
+        if self.closed:
+            raise LostReferenceError(f"cannot hold reference {ref.id}: the session is closed")
         if ref.id in self._objects:
             raise RemoteUsageError(f"cannot hold reference {ref.id}: it is already in use")
         self._objects[ref.id] = obj

@@ -1,0 +1,224 @@
+"""Plain PyTorch on server-held tensors: results match local ones, and only what is read crosses."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import djinn
+from djinn import RemoteModel, RemoteTensor
+from djinn.errors import RemoteUsageError, UsageError
+from djinn.semantics import Decision
+from djinn.server.process import ServerProcess
+from tests.models import VOCAB, prompt, tiny_gpt2
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_gpt2(seed=11)
+
+
+@pytest.fixture
+def rm(server: ServerProcess, model: torch.nn.Module) -> Iterator[RemoteModel]:
+    with RemoteModel(model, server.address) as remote:
+        yield remote
+
+
+@pytest.fixture
+def pair(rm: RemoteModel, model: torch.nn.Module) -> tuple[RemoteTensor, torch.Tensor]:
+    """The same logits, held by the server and computed locally: [1, 16, VOCAB]."""
+    ids = prompt(length=16)
+    remote = rm(ids).logits
+    with torch.no_grad():
+        local = model(ids).logits
+    assert isinstance(remote, RemoteTensor)
+    return remote, local
+
+
+def calls(rm: RemoteModel) -> int:
+    return int(rm.stats()["calls"])
+
+
+def test_user_written_greedy_loop_matches_local_in_one_round_trip_per_step(
+    rm: RemoteModel, model: torch.nn.Module
+) -> None:
+    ids = prompt(length=20)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=30, do_sample=False)
+    tokens, step, cache = [ids], ids, None
+    per_step = []
+    for _ in range(30):
+        before = (calls(rm), rm.stats()["bytes_sent"] + rm.stats()["bytes_received"])
+        out = rm(step, past_key_values=cache)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache = out.past_key_values
+        after = (calls(rm), rm.stats()["bytes_sent"] + rm.stats()["bytes_received"])
+        assert isinstance(step, torch.Tensor)  # 8 bytes: small, so it came back as data
+        assert after[0] - before[0] == 1  # forward, index and argmax in one round trip
+        per_step.append(after[1] - before[1])
+        tokens.append(step)
+    assert torch.equal(torch.cat(tokens, dim=-1), expected)
+    assert max(per_step[1:]) < 1024, per_step
+
+
+def test_shipping_the_logits_instead_costs_a_row_per_step(rm: RemoteModel) -> None:
+    out = rm(prompt(length=8))
+    before = rm.stats()["bytes_received"]
+    out.logits[:, -1].argmax(-1)
+    token_bytes = rm.stats()["bytes_received"] - before
+    before = rm.stats()["bytes_received"]
+    out.logits[:, -1].cpu().argmax(-1)
+    assert rm.stats()["bytes_received"] - before > VOCAB * 4 > 10 * token_bytes
+
+
+OPS: list[tuple[str, Any]] = [
+    ("softmax", lambda t: t.softmax(-1)),
+    ("log_softmax", lambda t: torch.log_softmax(t, dim=-1)),
+    ("topk-values", lambda t: t[0, -1].topk(5).values),
+    ("topk-indices", lambda t: torch.topk(t[0, -1], 5).indices),
+    ("matmul", lambda t: t[0] @ t[0].T),
+    ("arithmetic", lambda t: (t * 2 + 1 - t / 3) ** 2),
+    ("reverse-ops", lambda t: 1 - 2 / (t.abs() + 1)),
+    ("indexing", lambda t: t[0, 3:9:2, ::7]),
+    ("ellipsis", lambda t: t[..., -1]),
+    ("newaxis", lambda t: t[:, None, -1]),
+    ("cat", lambda t: torch.cat([t[:, :2], t[:, -2:]], dim=1)),
+    ("reductions", lambda t: t.max(dim=-1).values.mean()),
+    ("compare", lambda t: (t > 0).sum(-1)),
+    ("where", lambda t: torch.where(t > 0, t, t * 0.1)),
+    ("functional", lambda t: torch.nn.functional.gelu(t)),
+    ("reshape", lambda t: t.reshape(4, 4, -1).permute(2, 0, 1).contiguous()),
+    ("boolean-mask", lambda t: t[t > 2.0]),
+]
+
+
+@pytest.mark.parametrize("fn", [f for _, f in OPS], ids=[n for n, _ in OPS])
+def test_operations_match_local_results(pair: tuple[RemoteTensor, torch.Tensor], fn: Any) -> None:
+    remote, local = pair
+    result = fn(remote)
+    expected = fn(local)
+    value = result.cpu() if isinstance(result, RemoteTensor) else result
+    assert value.shape == expected.shape and value.dtype == expected.dtype
+    torch.testing.assert_close(value, expected)
+
+
+def test_mixing_local_tensors_and_scalars(pair: tuple[RemoteTensor, torch.Tensor]) -> None:
+    remote, local = pair
+    bias = torch.randn(VOCAB)
+    torch.testing.assert_close((remote + bias).cpu(), local + bias)
+    torch.testing.assert_close((bias + remote).cpu(), bias + local)  # torch.Tensor.__add__ defers
+
+
+def test_a_chain_is_one_round_trip_and_shapes_cost_nothing(
+    rm: RemoteModel, pair: tuple[RemoteTensor, torch.Tensor]
+) -> None:
+    remote, local = pair
+    start = calls(rm)
+    probs = remote[:, -1].softmax(-1)
+    assert isinstance(probs, RemoteTensor) and probs.shape == (1, VOCAB)
+    assert probs.dtype == torch.float32 and calls(rm) == start  # inferred, not asked
+    top = probs.topk(5)
+    assert calls(rm) == start + 1  # the chain ran once, when its small result was needed
+    expected = local[:, -1].softmax(-1).topk(5)
+    torch.testing.assert_close(top.values, expected.values)
+    assert torch.equal(top.indices, expected.indices)
+
+
+def test_materializers(pair: tuple[RemoteTensor, torch.Tensor]) -> None:
+    remote, local = pair
+    row = remote[0, -1, :3]
+    assert row.tolist() == pytest.approx(local[0, -1, :3].tolist(), abs=1e-5)
+    big = remote[0]
+    torch.testing.assert_close(torch.as_tensor(big), local[0])
+    torch.testing.assert_close(torch.from_numpy(big.numpy()), local[0])
+    assert big.max().item() == pytest.approx(local[0].max().item(), abs=1e-5)
+    assert bool((big > -1e9).all()) is True
+    assert str(remote[0]).startswith("RemoteTensor(tensor([[")  # printing reads it
+    assert repr(remote).startswith("RemoteTensor(shape=[1, 16, 2000]")
+
+
+def test_errors_on_the_server_point_at_the_users_line(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, _ = pair
+    index = torch.full((1, 16, VOCAB), VOCAB + 7)  # valid shape, out-of-range values
+    picked, line = remote.gather(-1, index), inspect.currentframe().f_lineno  # type: ignore[union-attr]
+    assert isinstance(picked, RemoteTensor)  # large, so queued: meta inference saw no values
+    with pytest.raises(RemoteUsageError, match=r"cannot run Tensor\.gather") as info:
+        picked.cpu()
+    assert f"test_remote_tensor.py:{line} in test_errors_on" in str(info.value)
+
+
+def test_shape_errors_are_raised_at_once_by_meta_inference(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, _ = pair
+    with pytest.raises(RuntimeError, match="broadcast"):
+        remote + torch.ones(3)
+
+
+def test_unsupported_operations_say_which_and_why(pair: tuple[RemoteTensor, torch.Tensor]) -> None:
+    remote, _ = pair
+    with pytest.raises(UsageError, match="cannot run fft_fft on a RemoteTensor"):
+        torch.fft.fft(remote)
+    with pytest.raises(AttributeError, match="no attribute 'add_'"):
+        remote.add_(1)
+
+
+def test_tensors_of_two_sessions_do_not_mix(server: ServerProcess, model: torch.nn.Module) -> None:
+    with (
+        djinn.connect(server.address) as client,
+        RemoteModel(model, client) as a,
+        RemoteModel(model, client) as b,
+    ):
+        x, y = a(prompt()).logits, b(prompt()).logits
+        with pytest.raises(UsageError, match="mixes tensors of 2 sessions"):
+            x + y
+        with pytest.raises(UsageError, match="another RemoteModel's session"):
+            b(
+                x[:, -1:].argmax(-1) * 0 + prompt(length=1),
+                past_key_values=a(prompt()).past_key_values,
+            )
+
+
+def test_freed_remote_tensors_release_server_memory(tmp_path: Path, model: torch.nn.Module) -> None:
+    with (
+        ServerProcess("--store", str(tmp_path), "--device", "cpu") as proc,
+        djinn.connect(proc.address) as observer,
+        RemoteModel(model, proc.address) as rm,
+    ):
+        logits = rm(prompt(length=16), use_cache=False).logits
+        held = [logits * i for i in range(20)]  # 20 x 128 KB on the server
+        rm.synchronize()
+        full = observer.server_stats()["resident_bytes"]
+        assert full >= 21 * logits.nbytes
+        del held
+        rm.synchronize()
+        assert observer.server_stats()["resident_bytes"] == logits.nbytes < full
+
+
+def test_decision_record_shows_data_and_references_per_operation(
+    rm: RemoteModel, pair: tuple[RemoteTensor, torch.Tensor]
+) -> None:
+    remote, _ = pair
+    remote[:, -1].softmax(-1).argmax(-1)
+    records = [(r.op, r.value, r.decision, r.bytes) for r in rm.decisions]
+    assert ("__getitem__", "output", Decision.REFERENCE, 0) in records
+    assert ("softmax", "output", Decision.REFERENCE, 0) in records
+    assert ("argmax", "output", Decision.DATA, 8) in records
+    assert ("softmax", "input", Decision.REFERENCE, 0) in records
+
+
+def test_blind_policy_returns_every_result_as_data(
+    server: ServerProcess, model: torch.nn.Module
+) -> None:
+    with RemoteModel(model, server.address, policy="semantic_blind") as blind:
+        out = blind(prompt())
+        assert isinstance(out.logits, torch.Tensor)  # nothing stays remote to compute on
