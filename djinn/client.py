@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar
 from djinn.errors import UsageError
 from djinn.net.blocking import BlockingConnection
 from djinn.net.frame import DEFAULT_LIMITS, Limits
+from djinn.net.link import Link
 from djinn.net.rpc import Meter, RpcConnection
 
 DEFAULT_PORT: Final = 5556
@@ -115,15 +116,18 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     connect_timeout: float = CONNECT_TIMEOUT,
     limits: Limits = DEFAULT_LIMITS,
+    link: Link | None = None,
 ) -> Client:
     """Connect to a djinn server and authenticate (token: argument, else $DJINN_TOKEN).
 
-    `timeout` bounds every later call. Raises ConnectionLostError,
-    DjinnTimeoutError, AuthenticationError, VersionMismatchError, UsageError.
+    `timeout` bounds every later call; `link` paces this client's sends to
+    emulate a network (the server paces its own with --link-gbps). Raises
+    ConnectionLostError, DjinnTimeoutError, AuthenticationError,
+    VersionMismatchError, UsageError.
     """
     host, port = parse_address(address)
     conn = BlockingConnection.open(
-        host, port, token=_token(token), timeout=connect_timeout, limits=limits
+        host, port, token=_token(token), timeout=connect_timeout, limits=limits, link=link
     )
     return Client(conn, timeout)
 

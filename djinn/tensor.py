@@ -186,14 +186,28 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             f"cannot run {label} on a RemoteTensor: it is not among the operations djinn runs "
             "on the server (djinn.ops); read the tensor with .cpu() first"
         )
-    session = _session_of(label, args, kwargs)
+    sessions: list[RemoteSession] = []
+    inputs: list[Any] = []
 
     def to_wire(value: Any) -> Any:
-        return value.ref if isinstance(value, RemoteTensor) else value
+        if isinstance(value, RemoteTensor):
+            if all(s is not value._session for s in sessions):
+                sessions.append(value._session)
+            inputs.append(value)
+            return value.ref
+        if isinstance(value, torch.Tensor):
+            inputs.append(value)
+        return value
 
-    wire_args, wire_kwargs = map_tree(args, to_wire), map_tree(kwargs, to_wire)
+    wire_args, wire_kwargs = map_tree((args, kwargs), to_wire)
+    if len(sessions) != 1:
+        raise UsageError(
+            f"cannot run {label}: it mixes tensors of {len(sessions)} sessions; "
+            "server values belong to the RemoteModel that made them; fetch one with .cpu()"
+        )
+    session = sessions[0]
     try:
-        inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+        inferred = _infer(name, func, args, kwargs)
     except NotImplementedError:  # a data-dependent shape: ask the server
         index = session.queued
         ids = [session.new_ref().id for _ in range(_UNKNOWN_OUTPUTS)]
@@ -212,25 +226,55 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
         result = _rebuild(inferred, handle)
         ids = [t.ref.id for t in outputs]
         session.enqueue(("op", name, wire_args, wire_kwargs, ids, False), label)
-    _record_inputs(session, label, args, kwargs)
+    for value in inputs:
+        remote = isinstance(value, RemoteTensor)
+        nbytes = 0 if remote else value.nbytes
+        _record(session, label, "input", Decision.REFERENCE if remote else Decision.DATA, nbytes)
     return _settle(session, label, result)
 
 
-def _session_of(label: str, args: Any, kwargs: Any) -> RemoteSession:
-    sessions: list[RemoteSession] = []
+# Shapes and dtypes of results by operation and argument signature: a decode
+# loop asks the same questions every step, and meta inference is the
+# client's largest cost per operation.
+_INFERRED: dict[Any, Any] = {}
+_INFERRED_LIMIT: Final = 4096
 
-    def visit(value: Any) -> Any:
-        if isinstance(value, RemoteTensor) and all(s is not value._session for s in sessions):
-            sessions.append(value._session)
-        return value
 
-    map_tree((args, kwargs), visit)
-    if len(sessions) != 1:
-        raise UsageError(
-            f"cannot run {label}: it mixes tensors of {len(sessions)} sessions; "
-            "server values belong to the RemoteModel that made them; fetch one with .cpu()"
+def _infer(name: str, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """The result as meta tensors. Raises what torch raises for bad arguments,
+    NotImplementedError when the result's shape depends on the values."""
+    try:
+        key: Any = (name, _signature(args), _signature(kwargs))
+        hash(key)
+    except TypeError:  # an unhashable argument: infer without remembering
+        key = None
+    if key is not None and key in _INFERRED:
+        return _INFERRED[key]
+    inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+    if key is not None:
+        if len(_INFERRED) >= _INFERRED_LIMIT:
+            _INFERRED.clear()
+        _INFERRED[key] = inferred
+    return inferred
+
+
+def _signature(value: Any) -> Any:
+    """What meta inference depends on, hashable: shapes and dtypes, not values."""
+    if isinstance(value, (RemoteTensor, torch.Tensor)):
+        return (
+            "tensor",
+            tuple(value.shape),
+            value.dtype,
+            value.device.type if isinstance(value, torch.Tensor) else "remote",
         )
-    return sessions[0]
+    kind = type(value)
+    if kind is slice:
+        return (slice, _signature(value.start), _signature(value.stop), _signature(value.step))
+    if kind in (tuple, list):
+        return (kind, tuple(_signature(v) for v in value))
+    if kind is dict:
+        return (dict, tuple((k, _signature(v)) for k, v in value.items()))
+    return (kind, value)  # 1, 1.0 and True infer different dtypes
 
 
 def _to_meta(value: Any) -> Any:
@@ -273,17 +317,6 @@ def _settle(session: RemoteSession, label: str, result: Any) -> Any:
     for value in values.values():
         _record(session, label, "output", Decision.DATA, value.nbytes)
     return _rebuild(result, lambda v: values.get(id(v), v))
-
-
-def _record_inputs(session: RemoteSession, label: str, args: Any, kwargs: Any) -> None:
-    def visit(value: Any) -> Any:
-        if isinstance(value, RemoteTensor):
-            _record(session, label, "input", Decision.REFERENCE, 0)
-        elif isinstance(value, torch.Tensor):
-            _record(session, label, "input", Decision.DATA, value.nbytes)
-        return value
-
-    map_tree((args, kwargs), visit)
 
 
 def _record(session: RemoteSession, op: str, value: str, decision: Decision, nbytes: int) -> None:

@@ -38,14 +38,15 @@ from djinn.net.frame import (
     FrameKind,
     Limits,
     encode_frame,
+    wire_size,
 )
 from djinn.net.handshake import ClientHandshake
+from djinn.net.link import Link
 from djinn.net.protocol import Counters
 from djinn.net.rpc import (
     HANDSHAKE_ID,
     Meter,
     decode_reply,
-    frame_size,
     handshake_frame,
     request_frame,
     timeout_message,
@@ -77,8 +78,11 @@ def _after_fork() -> None:
 class BlockingConnection:
     """An authenticated connection to a djinn server on a blocking socket."""
 
-    def __init__(self, sock: socket.socket, address: str, limits: Limits) -> None:
+    def __init__(
+        self, sock: socket.socket, address: str, limits: Limits, link: Link | None = None
+    ) -> None:
         self.address = address
+        self.link = link
         self.server_info: dict[str, Any] = {}
         self.counters = Counters()
         self._sock = sock
@@ -100,6 +104,7 @@ class BlockingConnection:
         token: str | None,
         timeout: float,
         limits: Limits = DEFAULT_LIMITS,
+        link: Link | None = None,
     ) -> BlockingConnection:
         """Connect and authenticate.
 
@@ -117,7 +122,7 @@ class BlockingConnection:
             raise ConnectionLostError(f"cannot connect to {address}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # blocking; timeouts come from SO_RCVTIMEO/SO_SNDTIMEO
-        conn = cls(sock, address, limits)
+        conn = cls(sock, address, limits, link)
         deadline = time.monotonic() + timeout
         try:
             conn._set_timeout(timeout)
@@ -161,7 +166,7 @@ class BlockingConnection:
         if meter is not None:
             meter.calls += 1
             meter.bytes_sent += sent
-            meter.bytes_received += frame_size(reply)
+            meter.bytes_received += wire_size(reply)
         return decode_reply(reply)
 
     def _set_timeout(self, timeout: float) -> None:
@@ -178,6 +183,8 @@ class BlockingConnection:
 
     def _send(self, frame: Frame, method: str, timeout: float) -> int:
         buffers = encode_frame(frame, self._limits)
+        if self.link is not None:
+            time.sleep(self.link.delay(sum(memoryview(b).nbytes for b in buffers)))
         try:
             if len(buffers) == 1:
                 self._sock.sendall(buffers[0])

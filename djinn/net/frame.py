@@ -109,6 +109,16 @@ Allocator = Callable[[int], Any]
 """Returns a writable object with the buffer protocol of exactly n bytes."""
 
 
+def wire_size(frame: Frame) -> int:
+    """Bytes `frame` takes on the wire, header included."""
+    return (
+        HEADER_SIZE
+        + len(frame.control)
+        + _LENGTH.size * len(frame.buffers)
+        + sum(memoryview(b).nbytes for b in frame.buffers)
+    )
+
+
 def encode_frame(frame: Frame, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """Return the buffers to write for `frame`, payloads passed through uncopied.
 
@@ -365,6 +375,11 @@ class FrameDecoder:
             self._scratch = bytearray(needed)
         self._scratch[: len(pending)] = pending
         self._lo, self._hi = 0, len(pending)
+
+    def close(self) -> None:
+        """Drop a half-received frame's buffers now: the stream has ended."""
+        self._fail(RemoteProtocolError("cannot decode: the stream has ended"))
+        self._frames.clear()
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         self._state = _State.ERROR

@@ -23,7 +23,7 @@ from djinn.errors import (
 )
 from djinn.net import payload
 from djinn.net.buffers import shared_pool
-from djinn.net.frame import DEFAULT_LIMITS, HEADER_SIZE, Frame, FrameKind, Limits
+from djinn.net.frame import DEFAULT_LIMITS, Frame, FrameKind, Limits, wire_size
 from djinn.net.handshake import ClientHandshake
 from djinn.net.protocol import Counters, FrameProtocol
 
@@ -41,16 +41,6 @@ class Meter:
     bytes_sent: int = 0
     bytes_received: int = 0
     calls: int = 0
-
-
-def frame_size(frame: Frame) -> int:
-    """Bytes `frame` took on the wire, header included."""
-    return (
-        HEADER_SIZE
-        + len(frame.control)
-        + 8 * len(frame.buffers)
-        + sum(memoryview(b).nbytes for b in frame.buffers)
-    )
 
 
 def request_frame(request_id: int, method: str, args: tuple[Any, ...]) -> Frame:
@@ -184,7 +174,7 @@ class RpcConnection:
             timer.cancel()
             self._pending.pop(request_id, None)
         if meter is not None:
-            meter.bytes_received += frame_size(reply)
+            meter.bytes_received += wire_size(reply)
         return decode_reply(reply)
 
     @property

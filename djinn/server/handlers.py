@@ -76,13 +76,15 @@ def close_session(conn: ServerConnection, session_id: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def _in_session(
-    conn: ServerConnection, session_id: Any, prelude: Any
-) -> AsyncIterator[tuple[Session, dict[int, Any]]]:
+    conn: ServerConnection, session_id: Any, prelude: Any, fetch: list[int] | None = None
+) -> AsyncIterator[tuple[Session, inference.Batch]]:
     """Enter a session call: its queued operations run first, its releases last.
 
     The prelude is (released reference ids, queued operations). Releases go
     after the call because a queued operation may still read a value the
-    client has already dropped. Calls of one session run one at a time.
+    client has already dropped. `fetch` names values to bring to the host in
+    the same device job as the operations (one thread hop, not two). Calls of
+    one session run one at a time.
     """
     session = conn.server.sessions.find(conn, session_id)
     if not (
@@ -97,17 +99,16 @@ async def _in_session(
     async with session.lock:
         session.busy += 1
         try:
-            described: dict[int, Any] = {}
-            if ops:
+            batch = inference.Batch()
+            if ops or fetch:
                 executor = conn.server.executor
                 try:
-                    batch = await executor.run(inference.run_ops, executor, session, ops)
+                    batch = await executor.run(inference.run_ops, executor, session, ops, fetch)
                 except inference.OpFailed as failed:
                     _keep(session, failed.done)  # what ran before the failure stays usable
                     raise
                 _keep(session, batch)
-                described = batch.described
-            yield session, described
+            yield session, batch
         finally:
             session.busy -= 1
             session.release(released)
@@ -146,11 +147,8 @@ async def run(
     output structure of operations the client could not infer."""
     if not isinstance(fetch, list) or not all(type(i) is int for i in fetch):
         raise RemoteUsageError("cannot fetch: expected a list of reference ids")
-    async with _in_session(conn, session_id, prelude) as (session, described):
-        values = [session.get(Ref(i)) for i in fetch]
-        executor = conn.server.executor
-        host = await executor.run(lambda: [executor.to_host(v) for v in values])
-        return dict(zip(fetch, host, strict=True)), described
+    async with _in_session(conn, session_id, prelude, fetch) as (_, batch):
+        return batch.fetched, batch.described
 
 
 async def forward(

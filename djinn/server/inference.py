@@ -7,7 +7,7 @@ event loop with what these functions return.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -108,7 +108,17 @@ def forward(
         cache = cache_from_layers(
             [(executor.to_device(k), executor.to_device(v)) for k, v in cache], model.config
         )
-    check_ids(model, input_ids, cache_length(cache))
+    cached = cache_length(cache)
+    check_ids(model, input_ids, cached)
+    if attention_mask is not None and tuple(attention_mask.shape) != (
+        input_ids.shape[0],
+        cached + input_ids.shape[1],
+    ):
+        expected = [input_ids.shape[0], cached + input_ids.shape[1]]
+        raise RemoteUsageError(
+            f"cannot run the model: attention_mask must be [batch, cached + new] = "
+            f"{expected}, got {list(attention_mask.shape)}"
+        )
     kwargs: dict[str, Any] = {"use_cache": cache_mode != "none"}
     if model.cache_arg is not None and cache is not None:
         kwargs[model.cache_arg] = cache
@@ -205,9 +215,11 @@ class OpFailed(Exception):
 
 @dataclass
 class Batch:
-    produced: dict[int, Any]  # new reference id -> value
-    grown: list[Ref]  # held caches that grew in place
-    described: dict[int, Any]  # op index -> (output structure with Refs, {id: (shape, dtype)})
+    produced: dict[int, Any] = field(default_factory=dict)  # new reference id -> value
+    grown: list[Ref] = field(default_factory=list)  # held caches that grew in place
+    # op index -> (output structure with Refs, {id: (shape, dtype)})
+    described: dict[int, Any] = field(default_factory=dict)
+    fetched: dict[int, torch.Tensor] = field(default_factory=dict)  # id -> value on the host
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -216,9 +228,13 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-def run_ops(executor: Executor, session: Session, ops: list[Any]) -> Batch:
-    """Run a client's queued operations in order. Raises OpFailed at the first failure."""
-    batch = Batch({}, [], {})
+def run_ops(
+    executor: Executor, session: Session, ops: list[Any], fetch: list[int] | None = None
+) -> Batch:
+    """Run a client's queued operations in order, then bring the `fetch` values to the
+    host. Raises OpFailed at the first failing operation, LostReferenceError for a
+    fetch of a value the session does not hold."""
+    batch = Batch()
 
     def resolve(value: Any) -> Any:
         if isinstance(value, Ref):
@@ -238,6 +254,11 @@ def run_ops(executor: Executor, session: Session, ops: list[Any]) -> Batch:
                 raise RemoteUsageError("malformed operation")
         except Exception as exc:
             raise OpFailed(index, str(name)[:60], exc, batch) from exc
+    for ref_id in fetch or ():
+        value = resolve(Ref(ref_id))
+        if not isinstance(value, torch.Tensor):
+            raise RemoteUsageError(f"cannot fetch reference {ref_id}: it is not a tensor")
+        batch.fetched[ref_id] = executor.to_host(value)
     return batch
 
 

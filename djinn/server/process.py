@@ -34,6 +34,11 @@ class ServerProcess:
     ) -> None:
         self.args = ["--host", "127.0.0.1", "--port", "0", *args]
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        # the child imports the same djinn as this process, installed or not
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, self.env.get("PYTHONPATH", "")) if p
+        )
         self.log_path = log
         self.host = "127.0.0.1"
         self.port = 0
