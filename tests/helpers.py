@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,3 +101,81 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class FaultProxy:
+    """A TCP proxy between a client and a server that misbehaves on request.
+
+    `delay_s` holds every chunk back that long; `cut_up_after` / `cut_down_after`
+    drop both connections once that many bytes have gone towards the server /
+    back to the client (mid-frame if that is where the count falls). It counts
+    what it forwarded each way.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.delay_s = 0.0
+        self.cut_up_after: int | None = None
+        self.cut_down_after: int | None = None
+        self.up = 0
+        self.down = 0
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            pair = (client, server)
+            threading.Thread(
+                target=self._pump, args=(client, server, True, pair), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, False, pair), daemon=True
+            ).start()
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, up: bool, pair: tuple[socket.socket, ...]
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                limit = self.cut_up_after if up else self.cut_down_after
+                done = self.up if up else self.down
+                if limit is not None and done + len(data) >= limit:
+                    dst.sendall(data[: max(0, limit - done)])
+                    self._count(up, max(0, limit - done))
+                    break
+                dst.sendall(data)
+                self._count(up, len(data))
+        except OSError:
+            pass
+        for sock in pair:  # a cut drops the whole connection, both ways
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _count(self, up: bool, n: int) -> None:
+        if up:
+            self.up += n
+        else:
+            self.down += n
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -312,14 +315,35 @@ def test_plain_modules_need_trust_remote_code(server: ServerProcess) -> None:
         RemoteModel(_Mlp(), server.address)
 
 
+def test_trust_remote_code_needs_a_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DJINN_TOKEN"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "djinn.server",
+            "--port",
+            "0",
+            "--trust-remote-code",
+            "--store",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--trust-remote-code needs --token" in result.stderr
+
+
 def test_plain_module_runs_on_a_trusting_server(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = _Mlp().eval()
     x = torch.randn(3, 8)
     with torch.no_grad():
         out, hidden = module(x)
-    args = ("--store", str(tmp_path), "--device", "cpu", "--trust-remote-code")
-    with ServerProcess(*args) as proc, RemoteModel(module, proc.address) as rm:
+    args = ("--store", str(tmp_path), "--device", "cpu", "--trust-remote-code", "--token", "t0k")
+    with ServerProcess(*args) as proc, RemoteModel(module, proc.address, token="t0k") as rm:
         remote_out, remote_hidden = rm(x)
         assert isinstance(remote_out, torch.Tensor)  # 48 bytes: small, so data
         assert isinstance(remote_hidden, RemoteTensor)  # 24 KiB: kept under "full"

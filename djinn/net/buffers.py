@@ -17,6 +17,8 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from djinn.errors import RemoteProtocolError
+
 # Below this, a bytearray is cheaper than a pooled block and glibc reuses
 # freed heap memory anyway.
 POOL_MIN_BYTES: Final = 1024 * 1024
@@ -49,22 +51,38 @@ class BufferPool:
         self,
         new_block: Callable[[int], np.ndarray] = host_block,
         max_idle_bytes: int = POOL_IDLE_BYTES,
+        max_in_use_bytes: int | None = None,
     ) -> None:
+        """`max_in_use_bytes` bounds the blocks handed out and not yet back: past
+        it a request raises RemoteProtocolError, so one peer's frame headers cannot
+        make this process allocate without limit."""
         self._new_block = new_block
         self._max_idle = max_idle_bytes
+        self._max_in_use = max_in_use_bytes
         self._idle: dict[int, list[np.ndarray]] = {}
         self._idle_bytes = 0
+        self._in_use = 0
         self._lock = threading.Lock()  # blocks come back on whatever thread freed them
 
     @property
     def idle_bytes(self) -> int:
         return self._idle_bytes
 
+    @property
+    def in_use_bytes(self) -> int:
+        return self._in_use
+
     def __call__(self, nbytes: int) -> Any:
         if nbytes < POOL_MIN_BYTES:
             return bytearray(nbytes)
         size = _size_class(nbytes)
         with self._lock:
+            if self._max_in_use is not None and self._in_use + size > self._max_in_use:
+                raise RemoteProtocolError(
+                    f"cannot accept a buffer of {nbytes} bytes: {self._in_use} of the "
+                    f"{self._max_in_use}-byte receive budget are in use; retry later"
+                )
+            self._in_use += size
             idle = self._idle.get(size)
             block = idle.pop() if idle else None
             if block is not None:
@@ -77,6 +95,7 @@ class BufferPool:
 
     def _give(self, block: np.ndarray) -> None:
         with self._lock:
+            self._in_use -= block.nbytes
             if self._idle_bytes + block.nbytes <= self._max_idle:
                 self._idle.setdefault(block.nbytes, []).append(block)
                 self._idle_bytes += block.nbytes

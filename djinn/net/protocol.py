@@ -127,6 +127,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.decoder.close()  # a half-received frame's buffers go back at once
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionLostError("cannot send: connection lost"))
         self._peer.on_lost(self._lost_reason or exc)

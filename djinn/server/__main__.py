@@ -46,7 +46,28 @@ def _parser() -> argparse.ArgumentParser:
         help="GiB of server-held tensors (KV caches, results) per session",
     )
     p.add_argument(
+        "--session-memory",
+        type=float,
+        default=32.0,
+        help="GiB of server-held tensors of all sessions together; past it, calls get 'busy'",
+    )
+    p.add_argument(
         "--memory-budget", type=float, default=64.0, help="GiB of model weights held in memory"
+    )
+    p.add_argument(
+        "--receive-budget",
+        type=float,
+        default=8.0,
+        help="GiB of large receive buffers in use at once; past it, frames are refused",
+    )
+    p.add_argument(
+        "--max-queued", type=int, default=256, help="calls waiting for the device; more get 'busy'"
+    )
+    p.add_argument(
+        "--link-gbps", type=float, help="emulate a network: pace replies to this many Gb/s"
+    )
+    p.add_argument(
+        "--link-latency-ms", type=float, default=0.0, help="one-way latency of the emulated link"
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -68,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         session_lease_s=args.session_lease,
         max_sessions=args.max_sessions,
         session_quota_bytes=int(args.session_quota * 1024**3),
+        session_memory_bytes=int(args.session_memory * 1024**3),
         memory_budget_bytes=int(args.memory_budget * 1024**3),
+        receive_budget_bytes=int(args.receive_budget * 1024**3),
+        max_queued=args.max_queued,
+        link_gbps=args.link_gbps,
+        link_latency_s=args.link_latency_ms / 1e3,
     )
     from djinn.server.app import serve
 

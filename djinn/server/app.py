@@ -44,7 +44,9 @@ class Server:
 
         config.check()
         self.config = config
-        self.executor = Executor(resolve_device(config.device))
+        self.executor = Executor(
+            resolve_device(config.device), config.receive_budget_bytes, config.max_queued
+        )
         self.models = ModelStore(config, self.executor)
         self.sessions = SessionRegistry(config)
         self.sessions.on_close = self._on_session_closed
@@ -105,6 +107,8 @@ class Server:
             "models": len(self.models),
             "resident_bytes": self.sessions.resident_bytes,
             "model_bytes": self.models.resident_bytes,
+            "receive_in_use_bytes": self.executor.receive_pool.in_use_bytes,
+            "queued_calls": self.executor.queued,
             **self.executor.memory(),
         }
 

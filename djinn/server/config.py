@@ -33,9 +33,14 @@ class ServerConfig:
     session_lease_s: float = 300.0
     max_sessions: int = 256
     max_calls_per_connection: int = 1024
-    session_quota_bytes: int = 8 * 1024**3
-    memory_budget_bytes: int = 64 * 1024**3
+    max_queued: int = 256  # calls waiting for the device, across connections
+    session_quota_bytes: int = 8 * 1024**3  # server-held tensors of one session
+    session_memory_bytes: int = 32 * 1024**3  # ... of all sessions together
+    memory_budget_bytes: int = 64 * 1024**3  # model weights held in memory
+    receive_budget_bytes: int = 8 * 1024**3  # large receive buffers in use at once
     limits: Limits = DEFAULT_LIMITS
+    link_gbps: float | None = None  # emulate a link: pace replies to this bandwidth
+    link_latency_s: float = 0.0
 
     def check(self) -> None:
         """Raise UsageError for settings the server must not start with."""
@@ -48,6 +53,13 @@ class ServerConfig:
             raise UsageError(f"cannot listen on port {self.port}: ports run from 0 to 65535")
         if self.dtype not in DTYPES:
             raise UsageError(f"cannot use dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.trust_remote_code and not self.token:
+            raise UsageError(
+                "cannot run client code unauthenticated: --trust-remote-code needs --token "
+                "(or DJINN_TOKEN), so only clients holding it can send code"
+            )
+        if self.link_gbps is not None and (self.link_gbps <= 0 or self.link_latency_s < 0):
+            raise UsageError("cannot emulate a link: --link-gbps must be > 0, latency >= 0")
         if self.session_lease_s <= 0 or self.max_sessions <= 0:
             raise UsageError("cannot start: --session-lease and --max-sessions must be positive")
 

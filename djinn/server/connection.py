@@ -29,7 +29,8 @@ from djinn.errors import (
     VersionMismatchError,
 )
 from djinn.net import handshake, payload
-from djinn.net.frame import DEFAULT_LIMITS, HANDSHAKE_LIMITS, Frame, FrameKind
+from djinn.net.frame import DEFAULT_LIMITS, HANDSHAKE_LIMITS, Frame, FrameKind, wire_size
+from djinn.net.link import Link
 from djinn.net.protocol import FrameProtocol
 from djinn.server.inference import OpFailed
 
@@ -55,6 +56,8 @@ class ServerConnection:
         self._client_nonce = b""
         self._server_nonce = b""
         self._tasks: set[asyncio.Task[None]] = set()
+        config = server.config
+        self._link = Link(config.link_gbps, config.link_latency_s) if config.link_gbps else None
         self._timer = asyncio.get_running_loop().call_later(
             handshake.HANDSHAKE_TIMEOUT_S, self._on_handshake_timeout
         )
@@ -194,6 +197,14 @@ class ServerConnection:
         self._send(Frame(FrameKind.RESPONSE, request_id, control, buffers))
 
     def _send(self, frame: Frame) -> None:
+        if self._link is not None:
+            size = wire_size(frame)
+            loop = asyncio.get_running_loop()
+            loop.call_later(self._link.delay(size), self._send_now, frame)
+        else:
+            self._send_now(frame)
+
+    def _send_now(self, frame: Frame) -> None:
         if self.protocol.is_open:
             self.protocol.send(frame)
 

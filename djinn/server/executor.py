@@ -1,10 +1,16 @@
 """Model work off the event loop, on the server's device.
 
 One worker thread owns the device: calls from every session queue there
-while the event loop keeps moving bytes. On a CUDA device the worker runs
-on its own stream, inputs arrive through pinned buffers with non-blocking
-copies, and results leave through pinned buffers; the only synchronization
-is the one a result needs before it can be sent.
+while the event loop keeps moving bytes, so the next request is received
+while this one is copied and computed. On a CUDA device:
+
+- received payloads land in pinned host memory (the receive pool), and go
+  to the device with non-blocking copies on the worker's own stream;
+- model work runs on that stream, never on the default one;
+- results leave through pinned buffers (non-blocking device-to-host);
+- each job ends by synchronizing the stream once, which is both what a
+  result needs before it can be sent and what lets the pinned inputs go
+  back to the pool: no copy can still be reading them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from djinn.errors import UsageError
+from djinn.errors import ServerBusyError, UsageError
 from djinn.net.buffers import BufferPool, host_block, pinned_block
 from djinn.net.frame import Allocator
 
@@ -49,21 +55,42 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Executor:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, receive_budget: int, max_queued: int) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.allocate: Allocator = BufferPool(pinned_block if self.is_cuda else host_block)
+        self.receive_pool = BufferPool(
+            pinned_block if self.is_cuda else host_block, max_in_use_bytes=receive_budget
+        )
+        self.allocate: Allocator = self.receive_pool
         self._stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-device")
+        self._max_queued = max_queued
+        self.queued = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the device thread under inference mode."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._call, fn, args)
+        """Run `fn(*args)` on the device thread under inference mode.
+
+        Raises ServerBusyError rather than queue past the server's limit.
+        """
+        if self.queued >= self._max_queued:
+            raise ServerBusyError(
+                f"cannot queue more work: {self.queued} calls are waiting for the device; "
+                "retry later"
+            )
+        self.queued += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self._call, fn, args)
+        finally:
+            self.queued -= 1
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         with torch.inference_mode(), self._on_stream():
-            return fn(*args)
+            try:
+                return fn(*args)
+            finally:
+                if self._stream is not None:
+                    self._stream.synchronize()
 
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:
@@ -80,13 +107,15 @@ class Executor:
         return tensor.to(self.device, non_blocking=tensor.is_pinned())
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A result ready to send: on the host (pinned when from CUDA), copy finished."""
+        """A result to send: on the host, in pinned memory when it comes from the device.
+
+        The copy is queued on the worker's stream and complete when the job
+        returns (see _call), before anything reads the bytes.
+        """
         if tensor.device.type == "cpu":
             return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
-        assert self._stream is not None
-        self._stream.synchronize()
         return host
 
     def memory(self) -> dict[str, int]:

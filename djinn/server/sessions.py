@@ -48,11 +48,14 @@ def nbytes_of(obj: Any) -> int:
 
 
 class Session:
-    def __init__(self, owner: object, model: LoadedModel | None, quota: int) -> None:
+    def __init__(
+        self, owner: object, model: LoadedModel | None, quota: int, registry: SessionRegistry
+    ) -> None:
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
         self.model = model
         self.quota = quota
+        self._registry = registry
         self.last_used = time.monotonic()
         self.busy = 0
         self.closed = False
@@ -93,6 +96,13 @@ class Session:
                 f"cannot hold {new} bytes for reference {ref.id}: the session would exceed "
                 f"its quota of {self.quota} bytes; release references or close sessions"
             )
+        budget = self._registry.budget
+        if new > old and self._registry.resident_bytes + new - old > budget:
+            self.release([ref.id])
+            raise ServerBusyError(
+                f"cannot hold {new} bytes for reference {ref.id}: the server's sessions "
+                f"would exceed their shared {budget}-byte budget; retry later"
+            )
         self._sizes[ref.id] = new
         self.resident_bytes += new - old
 
@@ -123,13 +133,17 @@ class SessionRegistry:
     def resident_bytes(self) -> int:
         return sum(s.resident_bytes for s in self._sessions.values())
 
+    @property
+    def budget(self) -> int:
+        return self._config.session_memory_bytes
+
     def open(self, owner: Any, model: LoadedModel | None) -> Session:
         if len(self._sessions) >= self._config.max_sessions:
             raise ServerBusyError(
                 f"cannot open a session: the server holds its maximum of "
                 f"{self._config.max_sessions}; try again later"
             )
-        session = Session(owner, model, self._config.session_quota_bytes)
+        session = Session(owner, model, self._config.session_quota_bytes, self)
         self._sessions[session.id] = session
         owner.sessions[session.id] = session
         return session

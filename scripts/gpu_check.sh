@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The prepared device check: run once on a CUDA machine, in under 5 minutes on one H100.
+#
+#   scripts/gpu_check.sh OUT_DIR
+#
+# Uses the machine's own python3 and torch (nothing is installed: such machines
+# often reach no package registry). Writes into OUT_DIR: env.txt (torch, CUDA,
+# GPU), gpu_check.log (everything printed), bench_transport.json, and the
+# experiment's summary.md, comparison_report.json and latency.png (gpt2-xl,
+# 5 runs of all four baselines).
+set -uo pipefail
+OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+cd "$ROOT"
+status=0
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/gpu_check.log"; }
+step() { log "$1"; shift; "$@" 2>&1 | tee -a "$OUT/gpu_check.log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { log "exit $rc"; status=1; }; }
+
+step "environment" "$PY" - <<'PY'
+import platform, torch, transformers
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| transformers", transformers.__version__)
+print("gpu", torch.cuda.get_device_name(0), "| memory GiB", round(torch.cuda.mem_get_info()[1] / 2**30, 1))
+PY
+cp "$OUT/gpu_check.log" "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >> "$OUT/env.txt" 2>&1
+
+step "GPU tests" timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step "transport, tensors in GPU memory" timeout 120 "$PY" scripts/bench_transport.py \
+    --device cuda --pings 2000 --rounds 5 --repeats 5 --json "$OUT/bench_transport.json"
+EXP="$(mktemp -d)"
+step "experiment 2.1, gpt2-xl" timeout 300 "$PY" scripts/exp2_1.py --model gpt2-xl --runs 5 \
+    --warmup 1 --device cuda --out "$EXP" --store "$EXP/store"
+cp "$EXP/summary.md" "$EXP"/comparison_report_*.json "$EXP/latency.png" "$OUT/" 2>/dev/null
+tail -n 30 "$EXP/server.log" >> "$OUT/gpu_check.log" 2>/dev/null
+rm -rf "$EXP"
+log "done (status $status)"
+exit $status
