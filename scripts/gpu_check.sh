@@ -29,11 +29,11 @@ PY
 cp "$OUT/gpu_check.log" "$OUT/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >> "$OUT/env.txt" 2>&1
 
-step "GPU tests" timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-step "transport, tensors in GPU memory" timeout 120 "$PY" scripts/bench_transport.py \
+step "GPU tests" timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step "transport, tensors in GPU memory" timeout 90 "$PY" scripts/bench_transport.py \
     --device cuda --pings 2000 --rounds 5 --repeats 5 --json "$OUT/bench_transport.json"
 EXP="$(mktemp -d)"
-step "experiment 2.1, gpt2-xl" timeout 300 "$PY" scripts/exp2_1.py --model gpt2-xl --runs 5 \
+step "experiment 2.1, gpt2-xl" timeout 240 "$PY" scripts/exp2_1.py --model gpt2-xl --runs 5 \
     --warmup 1 --device cuda --out "$EXP" --store "$EXP/store"
 cp "$EXP/summary.md" "$EXP"/comparison_report_*.json "$EXP/latency.png" "$OUT/" 2>/dev/null
 tail -n 30 "$EXP/server.log" >> "$OUT/gpu_check.log" 2>/dev/null
