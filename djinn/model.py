@@ -401,7 +401,7 @@ class RemoteModel:
     def synchronize(self) -> None:
         """Run queued work now (as torch.cuda.synchronize does for a GPU): its errors
         surface here, and server memory reflects it."""
-        self._session.call("release")
+        self._session.call("run")
 
     # -- bookkeeping --------------------------------------------------------------------
 

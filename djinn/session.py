@@ -1,10 +1,13 @@
 """The client's side of one server session: references, queued operations, traffic, decisions.
 
 Work on server-held values is queued, not sent: operations ride along with
-the session's next call (or the read that needs their result), so a chain
-like `out.logits[:, -1].softmax(-1).topk(5)` costs one round trip. So do the
-references the user has dropped. A failure in a queued operation is reported
-at the line of user code that queued it.
+the session's next call, or the read that needs one of their results, so a
+chain like `out.logits[:, -1].softmax(-1).topk(5).values.tolist()` costs one
+round trip, and a decode loop that only passes each token back costs none
+until it reads. The small results of queued work come back as data with
+that call, all of them, so reading any of them later costs nothing more.
+Dropped references ride along the same way. A failure in a queued
+operation is reported at the line of user code that queued it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import contextlib
 import itertools
 import os
 import sys
+import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import torch
 
@@ -23,7 +27,7 @@ from djinn.client import Client
 from djinn.errors import ConnectionLostError, ServerError, UsageError
 from djinn.net.payload import Ref
 from djinn.net.rpc import Meter
-from djinn.semantics import DecisionLog, DecisionRecord, Policy
+from djinn.semantics import Decision, DecisionLog, DecisionRecord, Lifecycle, Policy
 
 # Reference ids are unique across every session of the process, so a
 # reference used with the wrong session is refused, never mistaken.
@@ -53,6 +57,21 @@ class _Queued:
     site: str
 
 
+class Prefetched(Protocol):
+    """A handle whose value the session fetches with its next call (a small RemoteTensor)."""
+
+    def _arrived(self, value: torch.Tensor) -> None: ...
+
+
+class _Keeper:
+    """Where a read's value lands."""
+
+    value: torch.Tensor
+
+    def _arrived(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
 class RemoteSession:
     """Calls scoped to one server session, each carrying what was queued since the last."""
 
@@ -66,6 +85,7 @@ class RemoteSession:
         self.id: str = client.call("open_session", fingerprint, meter=meter)
         self._released: deque[int] = deque()
         self._queue: list[_Queued] = []
+        self._wanted: dict[int, tuple[weakref.ref[Prefetched], str]] = {}
         self._closed = False
 
     @property
@@ -84,7 +104,11 @@ class RemoteSession:
         """Queue an operation for the next call; runs the queue if it is long."""
         self._queue.append(_Queued(wire, name, user_site()))
         if len(self._queue) >= QUEUE_LIMIT:
-            self.call("release")
+            self.call("run")
+
+    def want(self, ref: Ref, handle: Prefetched, name: str) -> None:
+        """Bring `ref`'s value back with the next call (the policy wants it as data)."""
+        self._wanted[ref.id] = (weakref.ref(handle), name)
 
     @property
     def queued(self) -> int:
@@ -97,9 +121,11 @@ class RemoteSession:
             raise UsageError(f"cannot call {method}: this RemoteModel is closed")
         released = [self._released.popleft() for _ in range(len(self._released))]
         queue, self._queue = self._queue, []
-        prelude = (released, [q.wire for q in queue])
+        wanted, self._wanted = self._wanted, {}
+        fetch = [ref_id for ref_id, (handle, _) in wanted.items() if handle() is not None]
+        prelude = (released, [q.wire for q in queue], fetch)
         try:
-            return self.client.call(
+            values, result = self.client.call(
                 method, self.id, prelude, *args, timeout=timeout, meter=self.meter
             )
         except ServerError as exc:
@@ -114,21 +140,35 @@ class RemoteSession:
         except BaseException:
             self._released.extend(released)
             raise
+        for ref_id, value in values.items():
+            handle, name = wanted[ref_id]
+            target = handle()
+            if target is not None:
+                target._arrived(value)
+                record = DecisionRecord(
+                    name, "output", Lifecycle.OUTPUT, Decision.DATA, value.nbytes
+                )
+                self.record(record)
+        return result
 
     def fetch(self, refs: list[Ref]) -> list[torch.Tensor]:
-        """The values of `refs`, after running the queue: one round trip."""
-        values, _ = self.call("run", [r.id for r in refs])
-        return [values[r.id] for r in refs]
+        """The values of `refs` (and of everything wanted), after running the queue:
+        one round trip."""
+        keepers = [_Keeper() for _ in refs]
+        for ref, keeper in zip(refs, keepers, strict=True):
+            name = self._wanted[ref.id][1] if ref.id in self._wanted else "read"
+            self._wanted[ref.id] = (weakref.ref(keeper), name)
+        self.call("run")
+        return [keeper.value for keeper in keepers]
 
     def describe(self) -> Any:
         """Run the queue now; returns the structures the server described, by queue position."""
-        _, described = self.call("run", [])
-        return described
+        return self.call("run")
 
     def flush(self) -> None:
         """Send pending releases now, if enough have piled up to be worth a call."""
         if len(self._released) >= RELEASE_BATCH:
-            self.call("release")
+            self.call("run")
 
     def record(self, record: DecisionRecord) -> None:
         self.decisions.add(record)
@@ -139,6 +179,7 @@ class RemoteSession:
         self._closed = True
         self._released.clear()
         self._queue.clear()
+        self._wanted.clear()
         if self.client.is_open:
             # a lost connection's sessions are freed by the server itself
             with contextlib.suppress(ConnectionLostError):

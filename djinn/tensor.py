@@ -59,7 +59,7 @@ class _Handle:
 class RemoteTensor(_Handle):
     """A tensor that lives on the server. Shape and dtype are known here; values cross when read."""
 
-    __slots__ = ("dtype", "shape")
+    __slots__ = ("_value", "dtype", "shape")
     __hash__ = object.__hash__  # == builds a tensor, as it does for torch.Tensor
 
     def __init__(
@@ -68,6 +68,10 @@ class RemoteTensor(_Handle):
         super().__init__(session, ref)
         self.shape = torch.Size(shape)
         self.dtype = dtype
+        self._value: torch.Tensor | None = None  # known once fetched
+
+    def _arrived(self, value: torch.Tensor) -> None:
+        self._value = value
 
     # -- what is known without a round trip ---------------------------------------
 
@@ -96,10 +100,19 @@ class RemoteTensor(_Handle):
     # -- reading: these cross the wire ------------------------------------------------
 
     def cpu(self) -> torch.Tensor:
-        """Fetch the values: one round trip moving `nbytes` (and running queued work)."""
-        [value] = self._session.fetch([self._ref])
-        _record(self._session, "read", "value", Decision.DATA, value.nbytes)
-        return value
+        """The values: one round trip moving `nbytes` (and running queued work), unless
+        they came back already with an earlier call."""
+        if self._value is None:
+            [self._value] = self._session.fetch([self._ref])
+        return self._value
+
+    def to(self, device: Any) -> torch.Tensor:
+        """Only to("cpu"): the server decides where server values live."""
+        if torch.device(device).type != "cpu":
+            raise UsageError(
+                f"cannot move a RemoteTensor to {device}: read it with .cpu(), then move the tensor"
+            )
+        return self.cpu()
 
     def numpy(self) -> np.ndarray:
         return self.cpu().numpy()
@@ -114,6 +127,12 @@ class RemoteTensor(_Handle):
 
     def __bool__(self) -> bool:
         return bool(self.cpu())
+
+    def __int__(self) -> int:
+        return int(self.cpu())
+
+    def __float__(self) -> float:
+        return float(self.cpu())
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         array = self.numpy()
@@ -300,23 +319,21 @@ def _handle(session: RemoteSession, value: Any, metas: dict[int, Any]) -> Any:
 
 
 def _settle(session: RemoteSession, label: str, result: Any) -> Any:
-    """Fetch the results the policy wants as data (small ones); keep the rest remote."""
-    remote: list[RemoteTensor] = []
-    _rebuild(result, lambda v: remote.append(v) if isinstance(v, RemoteTensor) else None)
-    wanted = [
-        t
-        for t in remote
-        if session.policy.decide(Value(label, Lifecycle.OUTPUT, t.nbytes, Phase.DECODE, True))
-        is Decision.DATA
-    ]
-    for _ in range(len(remote) - len(wanted)):
-        _record(session, label, "output", Decision.REFERENCE, 0)
-    if not wanted:
-        return result
-    values = dict(zip(map(id, wanted), session.fetch([t.ref for t in wanted]), strict=True))
-    for value in values.values():
-        _record(session, label, "output", Decision.DATA, value.nbytes)
-    return _rebuild(result, lambda v: values.get(id(v), v))
+    """Decide, per result, data or reference. A result the policy wants as data
+    (a small one) comes back with the session's next call, which its first read
+    makes happen; the others stay on the server until read."""
+
+    def decide(value: Any) -> Any:
+        if isinstance(value, RemoteTensor):
+            wanted = Value(label, Lifecycle.OUTPUT, value.nbytes, Phase.DECODE, True)
+            if session.policy.decide(wanted) is Decision.DATA:
+                session.want(value.ref, value, label)
+            else:
+                _record(session, label, "output", Decision.REFERENCE, 0)
+        return value
+
+    _rebuild(result, decide)
+    return result
 
 
 def _record(session: RemoteSession, op: str, value: str, decision: Decision, nbytes: int) -> None:

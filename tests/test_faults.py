@@ -211,7 +211,7 @@ def test_one_session_cannot_free_anothers_references(fresh: ServerProcess) -> No
     ):
         logits = a(prompt(length=16), use_cache=False).logits
         a.synchronize()
-        client.call("release", b._session.id, ([logits.ref.id], []))  # b tries to free it
+        client.call("run", b._session.id, ([logits.ref.id], [], []))  # b tries to free it
         assert a.synchronize() is None and logits.cpu().shape == logits.shape
 
 

@@ -77,7 +77,7 @@ def test_kv_cache_stays_on_the_device_and_counts_against_the_session(tmp_path: P
         RemoteModel(tiny_gpt2(), proc.address) as rm,
     ):
         out = rm(prompt(length=64))
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True).cpu()
         assert isinstance(token, torch.Tensor) and token.device.type == "cpu"
         assert observer.server_stats()["resident_bytes"] > 0
         del out

@@ -78,13 +78,15 @@ def test_user_written_decode_loop_matches_local(
 
 
 def _step_bytes(rm: RemoteModel, ids: torch.Tensor, steps: int) -> tuple[list[int], list[int]]:
+    """Bytes each way of a decode step that reads its token, as a streaming loop does."""
     out = rm(ids)
     cache = out.past_key_values
-    token = ids[:, -1:]
+    token = out.logits[:, -1].argmax(-1, keepdim=True).cpu()
     sent, received = [], []
     for _ in range(steps):
         before = rm.stats()
         out = rm(token, past_key_values=cache)
+        token = out.logits[:, -1].argmax(-1, keepdim=True).cpu()
         after = rm.stats()
         sent.append(after["bytes_sent"] - before["bytes_sent"])
         received.append(after["bytes_received"] - before["bytes_received"])
@@ -238,7 +240,7 @@ def test_another_sessions_cache_is_refused(
             b(prompt(length=1), past_key_values=cache)
         # forging it past the client's check: the server does not hold it for b
         with pytest.raises(LostReferenceError, match="does not hold it"):
-            client.call("run", b._session.id, ([], []), [cache.ref.id])
+            client.call("run", b._session.id, ([], [], [cache.ref.id]))
 
 
 def test_session_memory_is_freed_on_close_and_on_disconnect(fresh: ServerProcess) -> None:

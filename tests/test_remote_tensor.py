@@ -46,7 +46,7 @@ def calls(rm: RemoteModel) -> int:
     return int(rm.stats()["calls"])
 
 
-def test_user_written_greedy_loop_matches_local_in_one_round_trip_per_step(
+def test_user_written_greedy_loop_reading_each_token_is_one_round_trip_per_step(
     rm: RemoteModel, model: torch.nn.Module
 ) -> None:
     ids = prompt(length=20)
@@ -59,19 +59,38 @@ def test_user_written_greedy_loop_matches_local_in_one_round_trip_per_step(
         out = rm(step, past_key_values=cache)
         step = out.logits[:, -1].argmax(-1, keepdim=True)
         cache = out.past_key_values
+        tokens.append(step.cpu())  # read it: forward, index, argmax and the read in one trip
         after = (calls(rm), rm.stats()["bytes_sent"] + rm.stats()["bytes_received"])
-        assert isinstance(step, torch.Tensor)  # 8 bytes: small, so it came back as data
-        assert after[0] - before[0] == 1  # forward, index and argmax in one round trip
+        assert after[0] - before[0] == 1
         per_step.append(after[1] - before[1])
-        tokens.append(step)
     assert torch.equal(torch.cat(tokens, dim=-1), expected)
     assert max(per_step[1:]) < 1024, per_step
+
+
+def test_a_loop_that_only_passes_tokens_back_costs_no_round_trip_until_it_reads(
+    rm: RemoteModel, model: torch.nn.Module
+) -> None:
+    ids = prompt(length=20)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=30, do_sample=False)[:, 20:]
+    start = calls(rm)
+    step, cache, tokens = ids, None, []
+    for _ in range(30):
+        out = rm(step, past_key_values=cache)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)  # stays queued, as on a GPU
+        cache = out.past_key_values
+        tokens.append(step)
+    assert calls(rm) == start
+    first = tokens[0].cpu()  # one call runs all 30 steps and brings every token back
+    assert calls(rm) == start + 1
+    assert torch.equal(torch.cat([first] + [t.cpu() for t in tokens[1:]], dim=-1), expected)
+    assert calls(rm) == start + 1
 
 
 def test_shipping_the_logits_instead_costs_a_row_per_step(rm: RemoteModel) -> None:
     out = rm(prompt(length=8))
     before = rm.stats()["bytes_received"]
-    out.logits[:, -1].argmax(-1)
+    out.logits[:, -1].argmax(-1).item()
     token_bytes = rm.stats()["bytes_received"] - before
     before = rm.stats()["bytes_received"]
     out.logits[:, -1].cpu().argmax(-1)
@@ -125,10 +144,13 @@ def test_a_chain_is_one_round_trip_and_shapes_cost_nothing(
     assert isinstance(probs, RemoteTensor) and probs.shape == (1, VOCAB)
     assert probs.dtype == torch.float32 and calls(rm) == start  # inferred, not asked
     top = probs.topk(5)
-    assert calls(rm) == start + 1  # the chain ran once, when its small result was needed
+    assert calls(rm) == start  # still only queued
+    values = top.values.cpu()
+    assert calls(rm) == start + 1  # the chain ran once, when a result was read...
     expected = local[:, -1].softmax(-1).topk(5)
-    torch.testing.assert_close(top.values, expected.values)
-    assert torch.equal(top.indices, expected.indices)
+    torch.testing.assert_close(values, expected.values)
+    assert torch.equal(top.indices.cpu(), expected.indices)
+    assert calls(rm) == start + 1  # ...and the other small result came back with it
 
 
 def test_materializers(pair: tuple[RemoteTensor, torch.Tensor]) -> None:
@@ -208,7 +230,7 @@ def test_decision_record_shows_data_and_references_per_operation(
     rm: RemoteModel, pair: tuple[RemoteTensor, torch.Tensor]
 ) -> None:
     remote, _ = pair
-    remote[:, -1].softmax(-1).argmax(-1)
+    remote[:, -1].softmax(-1).argmax(-1).item()
     records = [(r.op, r.value, r.decision, r.bytes) for r in rm.decisions]
     assert ("__getitem__", "output", Decision.REFERENCE, 0) in records
     assert ("softmax", "output", Decision.REFERENCE, 0) in records

@@ -2,8 +2,10 @@
 
 Each handler runs on the event loop and sends model work to the device
 thread. Session-scoped calls take the session id first, then a prelude:
-the references the client has dropped and the operations it has queued
-since its last call, so neither costs a round trip of its own.
+the references the client has dropped, the operations it has queued since
+its last call, and the small results of those operations it wants back, so
+none of these costs a round trip of its own. They answer (those results'
+values, the call's own result).
 """
 
 from __future__ import annotations
@@ -76,26 +78,28 @@ def close_session(conn: ServerConnection, session_id: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def _in_session(
-    conn: ServerConnection, session_id: Any, prelude: Any, fetch: list[int] | None = None
+    conn: ServerConnection, session_id: Any, prelude: Any
 ) -> AsyncIterator[tuple[Session, inference.Batch]]:
     """Enter a session call: its queued operations run first, its releases last.
 
-    The prelude is (released reference ids, queued operations). Releases go
-    after the call because a queued operation may still read a value the
-    client has already dropped. `fetch` names values to bring to the host in
-    the same device job as the operations (one thread hop, not two). Calls of
-    one session run one at a time.
+    The prelude is (released reference ids, queued operations, reference ids
+    to fetch). The fetched values come to the host in the same device job as
+    the operations (one thread hop, one stream sync). Releases go after the
+    call because a queued operation may still read a value the client has
+    already dropped. Calls of one session run one at a time.
     """
     session = conn.server.sessions.find(conn, session_id)
     if not (
         isinstance(prelude, tuple)
-        and len(prelude) == 2
+        and len(prelude) == 3
         and isinstance(prelude[0], list)
         and all(type(i) is int for i in prelude[0])
         and isinstance(prelude[1], list)
+        and isinstance(prelude[2], list)
+        and all(type(i) is int for i in prelude[2])
     ):
         raise RemoteUsageError("cannot call: malformed session prelude")
-    released, ops = prelude
+    released, ops, fetch = prelude
     async with session.lock:
         session.busy += 1
         try:
@@ -135,19 +139,13 @@ def _tensor(session: Session, value: Any, name: str) -> torch.Tensor:
     return value
 
 
-async def release(conn: ServerConnection, session_id: Any, prelude: Any) -> None:
-    async with _in_session(conn, session_id, prelude):
-        pass
+Fetched = dict[int, torch.Tensor]
 
 
-async def run(
-    conn: ServerConnection, session_id: Any, prelude: Any, fetch: Any
-) -> tuple[dict[int, torch.Tensor], dict[int, Any]]:
-    """Run the queued operations; return the values of `fetch` (reference ids) and the
-    output structure of operations the client could not infer."""
-    if not isinstance(fetch, list) or not all(type(i) is int for i in fetch):
-        raise RemoteUsageError("cannot fetch: expected a list of reference ids")
-    async with _in_session(conn, session_id, prelude, fetch) as (_, batch):
+async def run(conn: ServerConnection, session_id: Any, prelude: Any) -> tuple[Fetched, Any]:
+    """Run the queued operations (and releases, and fetches); answer with the output
+    structure of operations the client could not infer, by queue position."""
+    async with _in_session(conn, session_id, prelude) as (_, batch):
         return batch.fetched, batch.described
 
 
@@ -159,7 +157,7 @@ async def forward(
     cache: Any,
     attention_mask: Any,
     want: Any,
-) -> tuple[Any, Any, int]:
+) -> tuple[Fetched, tuple[Any, Any, int]]:
     """One model call. want = (logits mode, logits ref id, cache mode, cache ref id).
 
     Returns (logits, cache, cache length): logits as data or as (shape, dtype)
@@ -174,7 +172,7 @@ async def forward(
     ):
         raise RemoteUsageError("cannot run the model: malformed output modes")
     logits_mode, logits_ref, cache_mode, cache_ref = want
-    async with _in_session(conn, session_id, prelude) as (session, _):
+    async with _in_session(conn, session_id, prelude) as (session, batch):
         model = _model(session)
         ids = _tensor(session, input_ids, "input_ids")
         mask = (
@@ -194,7 +192,7 @@ async def forward(
                 session.resize(cache)  # the cache grew in place
             else:
                 session.put(Ref(cache_ref), result.cache)
-        return logits, result.cache_data, result.cache_len
+        return batch.fetched, (logits, result.cache_data, result.cache_len)
 
 
 async def generate(
@@ -204,17 +202,18 @@ async def generate(
     input_ids: Any,
     attention_mask: Any,
     params: Any,
-) -> torch.Tensor:
+) -> tuple[Fetched, torch.Tensor]:
     """A whole generation on the server; returns only the new tokens."""
     parsed = GenerationParams.from_wire(params)
-    async with _in_session(conn, session_id, prelude) as (session, _):
+    async with _in_session(conn, session_id, prelude) as (session, batch):
         model = _model(session)
         ids = _tensor(session, input_ids, "input_ids")
         mask = (
             None if attention_mask is None else _tensor(session, attention_mask, "attention_mask")
         )
         executor = conn.server.executor
-        return await executor.run(inference.run_generate, executor, model, ids, mask, parsed)
+        tokens = await executor.run(inference.run_generate, executor, model, ids, mask, parsed)
+        return batch.fetched, tokens
 
 
 async def call(
@@ -225,14 +224,14 @@ async def call(
     kwargs: Any,
     keep_over: Any,
     ref_ids: Any,
-) -> tuple[Any, dict[int, tuple[tuple[int, ...], torch.dtype]]]:
+) -> tuple[Fetched, tuple[Any, dict[int, tuple[torch.Size, torch.dtype]]]]:
     """Call a plain module. Outputs over `keep_over` bytes stay under `ref_ids`;
     returns the outputs (kept ones as Refs) and the shape and dtype of each kept one."""
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or type(keep_over) is not int:
         raise RemoteUsageError("cannot call the module: malformed arguments")
     if not isinstance(ref_ids, list) or not all(type(i) is int for i in ref_ids):
         raise RemoteUsageError("cannot call the module: malformed reference ids")
-    async with _in_session(conn, session_id, prelude) as (session, _):
+    async with _in_session(conn, session_id, prelude) as (session, batch):
         model = _model(session)
         resolve = lambda x: session.get(x) if isinstance(x, Ref) else x  # noqa: E731
         args, kwargs = map_tree(args, resolve), map_tree(kwargs, resolve)
@@ -242,7 +241,7 @@ async def call(
         )
         for ref_id, tensor in kept.items():
             session.put(Ref(ref_id), tensor)
-        return out, {ref_id: (tuple(t.shape), t.dtype) for ref_id, t in kept.items()}
+        return batch.fetched, (out, {ref_id: (t.shape, t.dtype) for ref_id, t in kept.items()})
 
 
 HANDLERS = {
@@ -256,7 +255,6 @@ HANDLERS = {
         commit,
         open_session,
         close_session,
-        release,
         run,
         forward,
         generate,
