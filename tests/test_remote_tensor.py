@@ -178,6 +178,16 @@ def test_errors_on_the_server_point_at_the_users_line(
     assert f"test_remote_tensor.py:{line} in test_errors_on" in str(info.value)
 
 
+def test_a_queued_out_of_vocabulary_token_fails_its_batch_at_its_line(rm: RemoteModel) -> None:
+    out = rm(prompt(length=8))
+    bad = out.logits[:, -1].argmax(-1, keepdim=True) + VOCAB  # computed on the server
+    after, line = rm(bad, past_key_values=out.past_key_values), inspect.currentframe().f_lineno  # type: ignore[union-attr]
+    with pytest.raises(RemoteUsageError, match="outside the vocabulary") as info:
+        after.logits[:, -1].argmax(-1).item()
+    assert f"test_remote_tensor.py:{line} in test_a_queued" in str(info.value)
+    assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)  # the session goes on
+
+
 def test_shape_errors_are_raised_at_once_by_meta_inference(
     pair: tuple[RemoteTensor, torch.Tensor],
 ) -> None:

@@ -70,27 +70,47 @@ def resolve_cache(session: Session, cache: Any) -> Any:
     return None
 
 
-def check_ids(model: LoadedModel, ids: torch.Tensor, cached: int, name: str = "input_ids") -> None:
-    """Refuse ids the model would index out of bounds with (a device assert on CUDA)."""
+def check_ids(
+    model: LoadedModel, ids: torch.Tensor, cached: int, deferred: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Ids the model can index with: an out-of-vocabulary id would be a device-side
+    assert on CUDA, which ends every session on the device.
+
+    Ids from the wire are checked at once. Ids a queued operation made (a
+    queued argmax, on the device) are not read here, which would synchronize
+    the device every step: when `deferred` is given, any bad one is replaced
+    by id 0 where it lies and a flag is appended to `deferred`, for the caller
+    to read once its batch is done.
+    """
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise RemoteUsageError(
-            f"cannot run the model: {name} must be [batch, seq], got {list(ids.shape)}"
+            f"cannot run the model: input_ids must be [batch, seq], got {list(ids.shape)}"
         )
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise RemoteUsageError(f"cannot run the model: {name} must be integers, got {ids.dtype}")
-    embeddings = model.module.get_input_embeddings()
-    vocab = embeddings.num_embeddings
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab:
-        raise RemoteUsageError(
-            f"cannot run the model: {name} holds token {high if high >= vocab else low}, "
-            f"outside the vocabulary [0, {vocab})"
-        )
+        raise RemoteUsageError(f"cannot run the model: input_ids must be integers, got {ids.dtype}")
+    vocab = model.module.get_input_embeddings().num_embeddings
+    if deferred is None:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise OutOfVocabulary(vocab, high if high >= vocab else low)
+    else:
+        bad = (ids < 0) | (ids >= vocab)
+        deferred.append(bad.any())
+        ids = torch.where(bad, torch.zeros_like(ids), ids)
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cached + ids.shape[1] > limit:
         raise RemoteUsageError(
             f"cannot run the model: {cached} cached + {ids.shape[1]} new tokens exceed "
             f"its {limit} positions"
+        )
+    return ids
+
+
+class OutOfVocabulary(RemoteUsageError):
+    def __init__(self, vocab: int, token: int | None = None) -> None:
+        which = f"token {token}" if token is not None else "a token"
+        super().__init__(
+            f"cannot run the model: input_ids holds {which}, outside the vocabulary [0, {vocab})"
         )
 
 
@@ -102,14 +122,16 @@ def forward(
     attention_mask: torch.Tensor | None,
     logits_mode: str,
     cache_mode: str,
+    deferred: list[torch.Tensor] | None = None,
 ) -> ForwardResult:
-    """One model call. `cache` is a cache object, a list of host (k, v) pairs, or None."""
+    """One model call. `cache` is a cache object, a list of host (k, v) pairs, or None.
+    `deferred` collects vocabulary checks left for later (see check_ids)."""
     if isinstance(cache, list):
         cache = cache_from_layers(
             [(executor.to_device(k), executor.to_device(v)) for k, v in cache], model.config
         )
     cached = cache_length(cache)
-    check_ids(model, input_ids, cached)
+    input_ids = check_ids(model, input_ids, cached, deferred)
     if attention_mask is not None and tuple(attention_mask.shape) != (
         input_ids.shape[0],
         cached + input_ids.shape[1],
@@ -235,6 +257,7 @@ def run_ops(
     host. Raises OpFailed at the first failing operation, LostReferenceError for a
     fetch of a value the session does not hold."""
     batch = Batch()
+    deferred: tuple[list[int], list[torch.Tensor]] = ([], [])  # (op index, any-bad flag)
 
     def resolve(value: Any) -> Any:
         if isinstance(value, Ref):
@@ -249,17 +272,34 @@ def run_ops(
             if isinstance(op, tuple) and len(op) == 6 and op[0] == "op":
                 _run_op(op, resolve, batch, index)
             elif isinstance(op, tuple) and len(op) == 7 and op[0] == "forward":
-                _run_forward(executor, session, op, resolve, batch)
+                checks = len(deferred[1])
+                _run_forward(executor, session, op, resolve, batch, deferred[1])
+                deferred[0].extend([index] * (len(deferred[1]) - checks))
             else:
                 raise RemoteUsageError("malformed operation")
         except Exception as exc:
             raise OpFailed(index, str(name)[:60], exc, batch) from exc
+    _check_deferred(session, deferred)
     for ref_id in fetch or ():
         value = resolve(Ref(ref_id))
         if not isinstance(value, torch.Tensor):
             raise RemoteUsageError(f"cannot fetch reference {ref_id}: it is not a tensor")
         batch.fetched[ref_id] = executor.to_host(value)
     return batch
+
+
+def _check_deferred(session: Session, deferred: tuple[list[int], list[torch.Tensor]]) -> None:
+    """The vocabulary checks of device-resident ids, read once for the whole batch."""
+    indices, flags = deferred
+    if not flags:
+        return
+    bad = torch.stack(flags).cpu()  # the batch's one synchronization for these
+    if bool(bad.any()):
+        index = indices[int(bad.nonzero()[0])]
+        vocab = session.model.module.get_input_embeddings().num_embeddings  # type: ignore[union-attr]
+        cause = OutOfVocabulary(vocab)
+        # the batch ran on with id 0 in its place: none of its results are kept
+        raise OpFailed(index, "forward", cause, Batch())
 
 
 def _run_op(op: tuple[Any, ...], resolve: Any, batch: Batch, index: int) -> None:
@@ -290,22 +330,28 @@ def _run_op(op: tuple[Any, ...], resolve: Any, batch: Batch, index: int) -> None
 
 
 def _run_forward(
-    executor: Executor, session: Session, op: tuple[Any, ...], resolve: Any, batch: Batch
+    executor: Executor,
+    session: Session,
+    op: tuple[Any, ...],
+    resolve: Any,
+    batch: Batch,
+    deferred: list[torch.Tensor],
 ) -> None:
     _, input_ids, cache, mask, logits_id, cache_id, use_cache = op
     if session.model is None:
         raise RemoteUsageError("this session has no model")
     if type(logits_id) is not int or type(cache_id) is not int:
         raise RemoteUsageError("malformed forward")
-    ids = resolve(input_ids) if isinstance(input_ids, Ref) else input_ids
+    made_here = isinstance(input_ids, Ref)
+    ids = resolve(input_ids) if made_here else input_ids
     if not isinstance(ids, torch.Tensor):
         raise RemoteUsageError("input_ids must be a tensor")
     held = batch.produced.get(cache.id) if isinstance(cache, Ref) else None
     cache_in = held if held is not None else resolve_cache(session, cache)
     mask = resolve(mask) if isinstance(mask, Ref) else mask
-    result = forward(
-        executor, session.model, ids, cache_in, mask, "ref", "ref" if use_cache else "none"
-    )
+    cache_mode = "ref" if use_cache else "none"
+    checks = deferred if made_here else None
+    result = forward(executor, session.model, ids, cache_in, mask, "ref", cache_mode, checks)
     batch.produced[logits_id] = result.logits
     if result.cache is not None:
         if isinstance(cache, Ref) and held is None:
