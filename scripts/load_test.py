@@ -56,9 +56,9 @@ def client(address: str, ids: torch.Tensor, tokens: int, start: Any, results: An
             t = time.perf_counter()
             out = rm(step, past_key_values=cache)
             step = out.logits[:, -1].argmax(-1, keepdim=True)
+            got.append(int(step))  # read each token, as a streaming client does
             latencies.append(time.perf_counter() - t)
             cache = out.past_key_values
-            got.append(int(step))
     results.put((got, latencies))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import pickletools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ def loads(control: bytes, buffers: Sequence[Any]) -> Any:
     Raises RemoteProtocolError for anything but a well-formed djinn message.
     """
     try:
+        _check_opcodes(control)
         unpickler = _Unpickler(io.BytesIO(control))
         unpickler.buffers = buffers
         return unpickler.load()
@@ -120,6 +122,19 @@ def loads(control: bytes, buffers: Sequence[Any]) -> Any:
         raise RemoteProtocolError(f"cannot decode message: {type(exc).__name__}: {exc}") from None
 
 
+def _check_opcodes(control: bytes) -> None:
+    """Refuse memo writes by index (PUT, LONG_BINPUT): CPython's C unpickler grows
+    its memo table to the index it is given, so `LONG_BINPUT 680820116` in a
+    61-byte message allocates 5 GB. djinn's encoder (protocol 5) never emits
+    them; it numbers memo entries with MEMOIZE."""
+    for opcode, _, _ in pickletools.genops(control):
+        if opcode.code in _MEMO_BY_INDEX:
+            raise RemoteProtocolError(
+                f"cannot decode message: it uses the {opcode.name} opcode, which djinn never sends"
+            )
+
+
+_MEMO_BY_INDEX: Final = frozenset({"p", "r"})  # PUT, LONG_BINPUT (BINPUT's index is one byte)
 _SCALARS: Final = frozenset({type(None), bool, int, float, str})
 # One reusable pickler per thread: building one costs more than a small dump.
 _local = threading.local()

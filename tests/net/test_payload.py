@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,15 @@ def test_malformed_persistent_ids_are_refused(pid: object) -> None:
     Forge(out, protocol=5).dump(["X"])
     with pytest.raises(RemoteProtocolError):
         payload.loads(out.getvalue(), [bytearray(16)])
+
+
+def test_a_memo_index_bomb_is_refused_before_it_allocates() -> None:
+    # 61 bytes that made CPython's unpickler allocate a 5 GB memo table (found by the fuzzer)
+    blob = b"\x80\x05}\x8c\x06seorver" + b"r" + (680_820_116).to_bytes(4, "little") + b"."
+    start = time.perf_counter()
+    with pytest.raises(RemoteProtocolError, match="LONG_BINPUT"):
+        payload.loads(blob, [])
+    assert time.perf_counter() - start < 0.1
 
 
 @pytest.mark.parametrize(
