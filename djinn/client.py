@@ -27,19 +27,18 @@ T = TypeVar("T")
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     """'host:port', '[v6]:port', 'host' (port 5556) or a (host, port) tuple."""
     if isinstance(address, tuple):
-        host, port = address
-        return host, int(port)
+        return address[0], int(address[1])
     text = address.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":") or str(DEFAULT_PORT)
+        port_text = rest.removeprefix(":") or str(DEFAULT_PORT)
     elif text.count(":") == 1:
-        host, port = text.split(":")
+        host, port_text = text.split(":")
     else:
-        host, port = text, str(DEFAULT_PORT)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        host, port_text = text, str(DEFAULT_PORT)
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise UsageError(f"cannot parse server address {address!r}: expected 'host:port'")
-    return host, int(port)
+    return host, int(port_text)
 
 
 def _token(token: str | None) -> str | None:

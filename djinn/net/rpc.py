@@ -199,6 +199,11 @@ class RpcConnection:
         future = self._pending.get(frame.request_id)
         if future is not None and not future.done():
             future.set_result(frame)
+        elif frame.request_id == HANDSHAKE_ID and frame.kind is FrameKind.ERROR:
+            try:  # the server's word on why it is about to close the connection
+                decode_reply(frame)
+            except DjinnError as exc:
+                self._fail(exc)
         # else: the call timed out and was forgotten; drop the late answer
 
     def on_protocol_error(self, exc: ProtocolError) -> None:
