@@ -164,27 +164,22 @@ def test_help_lists_the_options() -> None:
         assert option in out
 
 
-def test_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
+def refused(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Start a server that must refuse to start; no token in its environment."""
     env = {k: v for k, v in os.environ.items() if k != "DJINN_TOKEN"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "djinn.server",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "0",
-            "--store",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    command = [sys.executable, "-m", "djinn.server", "--port", "0", "--store", str(tmp_path), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
+    result = refused("--host", "0.0.0.0", tmp_path=tmp_path)
     assert result.returncode == 2
     assert "--token" in result.stderr and "0.0.0.0" in result.stderr
+
+
+def test_trust_remote_code_needs_a_token(tmp_path: Path) -> None:
+    result = refused("--trust-remote-code", tmp_path=tmp_path)
+    assert result.returncode == 2 and "--trust-remote-code needs --token" in result.stderr
 
 
 def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
