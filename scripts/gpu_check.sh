@@ -29,7 +29,7 @@ PY
 cp "$OUT/gpu_check.log" "$OUT/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >> "$OUT/env.txt" 2>&1
 
-step "GPU tests" timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step "GPU tests" timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 step "transport, tensors in GPU memory" timeout 90 "$PY" scripts/bench_transport.py \
     --device cuda --pings 2000 --rounds 5 --repeats 5 --json "$OUT/bench_transport.json"
 EXP="$(mktemp -d)"
