@@ -88,10 +88,6 @@ class RemoteSession:
         self._wanted: dict[int, tuple[weakref.ref[Prefetched], str]] = {}
         self._closed = False
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def new_ref(self) -> Ref:
         return Ref(next(_REF_IDS))
 

@@ -65,10 +65,6 @@ class BufferPool:
         self._lock = threading.Lock()  # blocks come back on whatever thread freed them
 
     @property
-    def idle_bytes(self) -> int:
-        return self._idle_bytes
-
-    @property
     def in_use_bytes(self) -> int:
         return self._in_use
 
@@ -99,11 +95,6 @@ class BufferPool:
             if self._idle_bytes + block.nbytes <= self._max_idle:
                 self._idle.setdefault(block.nbytes, []).append(block)
                 self._idle_bytes += block.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._idle.clear()
-            self._idle_bytes = 0
 
 
 _shared: list[BufferPool] = []
