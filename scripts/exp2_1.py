@@ -179,12 +179,20 @@ def decode(model: Callable[..., Any], ids: torch.Tensor, new_tokens: int) -> lis
     return torch.cat([t.to("cpu") for t in tokens], dim=-1)[0].tolist()
 
 
+def counters(model: Any, client: Any) -> tuple[int, int, float]:
+    """(bytes sent, bytes received, server device-thread seconds) so far; zeros locally."""
+    if client is None:
+        return 0, 0, 0.0
+    stats = model.stats()
+    return stats["bytes_sent"], stats["bytes_received"], client.server_stats()["device_busy_s"]
+
+
 def timed_run(
-    baseline: str, model: Any, ids: torch.Tensor, new_tokens: int, device: torch.device
+    model: Any, ids: torch.Tensor, new_tokens: int, device: torch.device, client: Any = None
 ) -> dict[str, Any]:
-    before = (
-        model.stats() if baseline != "native_pytorch" else {"bytes_sent": 0, "bytes_received": 0}
-    )
+    """One counted decode. With `client` (a remote baseline) it also counts the wire bytes
+    and the server's device-thread time, both read outside the timed span."""
+    before = counters(model, client)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -193,13 +201,14 @@ def timed_run(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    after = model.stats() if baseline != "native_pytorch" else before
+    sent, received, busy = (a - b for a, b in zip(counters(model, client), before, strict=True))
     return {
         "total_ms": seconds * 1e3,
         "per_token_ms": seconds * 1e3 / new_tokens,
+        "server_busy_ms": busy * 1e3,
         "tokens_generated": len(tokens),
-        "bytes_sent": after["bytes_sent"] - before["bytes_sent"],
-        "bytes_received": after["bytes_received"] - before["bytes_received"],
+        "bytes_sent": sent,
+        "bytes_received": received,
         "tokens": tokens,
     }
 
@@ -222,6 +231,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_total_ms": percentile(totals, 0.50),
         "p95_total_ms": percentile(totals, 0.95),
         "mean_per_token_ms": statistics.mean(r["per_token_ms"] for r in runs),
+        "mean_server_busy_ms": statistics.mean(r["server_busy_ms"] for r in runs),
         "p50_per_token_ms": percentile([r["per_token_ms"] for r in runs], 0.50),
         "data_mb": statistics.mean(data),
         "mean_bytes_sent": statistics.mean(r["bytes_sent"] for r in runs),
@@ -247,6 +257,14 @@ def compare(results: dict[str, dict[str, Any]], device: torch.device) -> dict[st
             full["aggregates"]["mean_per_token_ms"] / native["aggregates"]["mean_per_token_ms"]
         )
         out["full_over_native_per_token_paired_median"] = statistics.median(paired)
+        # the split of full's time: the server's device thread, and everything else
+        new_tokens = full["runs"][0]["tokens_generated"]
+        out["full_server_busy_per_token_ms"] = (
+            full["aggregates"]["mean_server_busy_ms"] / new_tokens
+        )
+        out["full_rest_per_token_ms"] = (
+            full["aggregates"]["mean_per_token_ms"] - out["full_server_busy_per_token_ms"]
+        )
     if full and blind:
         out["full_vs_blind_speedup"] = (
             blind["aggregates"]["mean_total_ms"] / full["aggregates"]["mean_total_ms"]
@@ -340,6 +358,13 @@ def summary_md(
             f"- **Full Djinn vs Native PyTorch:** {c['full_vs_native_speedup']:.2f}x speedup "
             f"(per token {c['full_over_native_per_token']:.3f}x native by means, "
             f"{c['full_over_native_per_token_paired_median']:.3f}x by the median of paired runs)"
+        )
+        native_ms = results["native_pytorch"]["aggregates"]["mean_per_token_ms"]
+        lines.append(
+            f"- **Where Full Djinn's time went, per token:** "
+            f"{c['full_server_busy_per_token_ms']:.2f} ms in the server's device thread "
+            f"(native ran the same steps in {native_ms:.2f} ms), "
+            f"{c['full_rest_per_token_ms']:.2f} ms elsewhere (client, wire, waiting)"
         )
     if "full_vs_blind_speedup" in c:
         lines.append(
@@ -464,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             for run_id in range(args.warmup + args.runs):
                 for name in args.baselines:
                     bar.set_postfix_str(name)
-                    result = timed_run(name, runners[name], ids, args.new_tokens, device)
+                    remote = client if name != "native_pytorch" else None
+                    result = timed_run(runners[name], ids, args.new_tokens, device, remote)
                     if run_id >= args.warmup:
                         runs[name].append({"run_id": run_id - args.warmup, **result})
                     bar.update()
@@ -519,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for key in (
         "full_over_native_per_token_paired_median",
+        "full_server_busy_per_token_ms",
+        "full_rest_per_token_ms",
         "full_vs_blind_speedup",
         "blind_over_full_data",
     ):

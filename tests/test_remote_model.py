@@ -240,6 +240,17 @@ def test_another_sessions_cache_is_refused(
             client.call("run", b._session.id, ([], [], [cache.ref.id]))
 
 
+def test_server_stats_count_the_device_threads_work(fresh: ServerProcess) -> None:
+    with djinn.connect(fresh.address) as observer, RemoteModel(tiny_gpt2(), fresh.address) as rm:
+        before = observer.server_stats()
+        for _ in range(3):
+            rm(prompt(length=20))
+            rm.synchronize()  # one device job per call: the forward runs with it
+        after = observer.server_stats()
+        assert after["device_jobs"] - before["device_jobs"] == 3
+        assert after["device_busy_s"] > before["device_busy_s"]
+
+
 def test_session_memory_is_freed_on_close_and_on_disconnect(fresh: ServerProcess) -> None:
     model = tiny_gpt2(seed=9)
     with djinn.connect(fresh.address) as observer:

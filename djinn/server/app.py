@@ -109,6 +109,8 @@ class Server:
             "model_bytes": self.models.resident_bytes,
             "receive_in_use_bytes": self.executor.receive_pool.in_use_bytes,
             "queued_calls": self.executor.queued,
+            "device_busy_s": self.executor.busy_s,
+            "device_jobs": self.executor.jobs,
             **self.executor.memory(),
         }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -66,6 +67,10 @@ class Executor:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-device")
         self._max_queued = max_queued
         self.queued = 0
+        # Wall time the device thread spent in jobs (final sync included), and how many:
+        # what lets a client split a call's time into the server's work and the rest.
+        self.busy_s = 0.0
+        self.jobs = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the device thread under inference mode.
@@ -85,12 +90,15 @@ class Executor:
             self.queued -= 1
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        start = time.perf_counter()
         with torch.inference_mode(), self._on_stream():
             try:
                 return fn(*args)
             finally:
                 if self._stream is not None:
                     self._stream.synchronize()
+                self.busy_s += time.perf_counter() - start
+                self.jobs += 1
 
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:

@@ -50,6 +50,9 @@ def test_writes_every_output_the_issue_names(run: tuple[Path, str]) -> None:
             "bytes_sent",
             "bytes_received",
         } <= set(data["runs"][0])
+        for r in data["runs"]:  # the server's device time lies inside the client's timed span
+            busy = r["server_busy_ms"]
+            assert busy == 0 if name == "native_pytorch" else 0 < busy < r["total_ms"]
     [report_path] = out.glob("comparison_report_*.json")
     report = json.loads(report_path.read_text())
     baselines = report["baselines"]
@@ -66,6 +69,7 @@ def test_writes_every_output_the_issue_names(run: tuple[Path, str]) -> None:
     assert baselines["full_djinn"]["data_mb"] < baselines["partially_aware"]["data_mb"]
     assert baselines["partially_aware"]["data_mb"] < baselines["semantic_blind"]["data_mb"]
     assert {"full_vs_native_speedup", "full_vs_blind_speedup", "data_savings_pct"} <= set(report)
+    assert report["full_server_busy_per_token_ms"] > 0 and report["full_rest_per_token_ms"] > 0
     assert (out / "summary.md").read_text().startswith("# Experiment 2.1")
     assert (out / "latency.png").stat().st_size > 10_000
     assert "listening on" in (out / "server.log").read_text()
