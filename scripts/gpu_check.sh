@@ -5,9 +5,9 @@
 #
 # Uses the machine's own python3 and torch (nothing is installed: such machines
 # often reach no package registry). Writes into OUT_DIR: env.txt (torch, CUDA,
-# GPU), gpu_check.log (everything printed), bench_transport.json, and the
-# experiment's summary.md, comparison_report.json and latency.png (gpt2-xl,
-# 5 runs of all four baselines).
+# GPU, the host's CPUs), gpu_check.log (everything printed), the experiment's
+# summary.md, comparison_report.json and latency.png (gpt2-xl, 5 runs of all
+# four baselines), bench_transport.json; the device-thread benchmark is in the log.
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,15 +28,20 @@ print("gpu", torch.cuda.get_device_name(0), "| memory GiB", round(torch.cuda.mem
 PY
 cp "$OUT/gpu_check.log" "$OUT/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >> "$OUT/env.txt" 2>&1
+# where the host's CPUs sit relative to the GPU: launch-bound decoding runs at the CPU's pace
+{ echo "cpus: $(nproc)"; lscpu | grep -Ei 'model name|numa|mhz'; nvidia-smi topo -m; } >> "$OUT/env.txt" 2>&1
 
-step "GPU tests" timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-step "transport, tensors in GPU memory" timeout 90 "$PY" scripts/bench_transport.py \
-    --device cuda --pings 2000 --rounds 5 --repeats 5 --json "$OUT/bench_transport.json"
+# the most wanted numbers first, should the machine's time run out
 EXP="$(mktemp -d)"
 step "experiment 2.1, gpt2-xl" timeout 240 "$PY" scripts/exp2_1.py --model gpt2-xl --runs 5 \
     --warmup 1 --device cuda --out "$EXP" --store "$EXP/store"
 cp "$EXP/summary.md" "$EXP"/comparison_report_*.json "$EXP/latency.png" "$OUT/" 2>/dev/null
 tail -n 30 "$EXP/server.log" >> "$OUT/gpu_check.log" 2>/dev/null
 rm -rf "$EXP"
+step "device thread vs caller's thread, gpt2-xl" timeout 60 "$PY" scripts/bench_executor.py \
+    --model gpt2-xl --device cuda --runs 3
+step "GPU tests" timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step "transport, tensors in GPU memory" timeout 90 "$PY" scripts/bench_transport.py \
+    --device cuda --pings 2000 --rounds 5 --repeats 5 --json "$OUT/bench_transport.json"
 log "done (status $status)"
 exit $status
