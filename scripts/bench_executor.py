@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from djinn.errors import UsageError  # noqa: E402
 from djinn.server.executor import Executor, resolve_device  # noqa: E402
 from scripts.exp2_1 import PRESETS, Local, build_model, decode, prompt_ids  # noqa: E402
 
@@ -60,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.model not in PRESETS:
         p.error(f"--model must be one of {', '.join(PRESETS)}")
-    device = resolve_device(args.device)
+    if min(args.runs, args.prompt_tokens, args.new_tokens) < 1:
+        p.error("--runs, --prompt-tokens and --new-tokens must be >= 1")
+    try:
+        device = resolve_device(args.device)
+    except UsageError as exc:
+        p.error(str(exc))
     model = Local(build_model(args.model, device, torch.float32, 0)[0])
     ids = prompt_ids(None, args.prompt_tokens, model.model.config.vocab_size).to(device)
     executor = Executor(device, receive_budget=1 << 30, max_queued=4)
