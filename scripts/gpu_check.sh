@@ -24,9 +24,12 @@ step "environment" "$PY" - <<'PY'
 import platform, torch, transformers
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| transformers", transformers.__version__)
+if not torch.cuda.is_available():
+    raise SystemExit("CUDA is not available here: this check is for a CUDA machine")
 print("gpu", torch.cuda.get_device_name(0), "| memory GiB", round(torch.cuda.mem_get_info()[1] / 2**30, 1))
 PY
 cp "$OUT/gpu_check.log" "$OUT/env.txt"
+[ "$status" = 0 ] || { log "stopped: no usable CUDA device"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >> "$OUT/env.txt" 2>&1
 # where the host's CPUs sit relative to the GPU: launch-bound decoding runs at the CPU's pace
 { echo "cpus: $(nproc)"; lscpu | grep -Ei 'model name|numa|mhz'; nvidia-smi topo -m; } >> "$OUT/env.txt" 2>&1
