@@ -45,14 +45,10 @@ def _token(token: str | None) -> str | None:
     return token if token is not None else (os.environ.get("DJINN_TOKEN") or None)
 
 
-class Client:
-    """A connection to a djinn server; create it with `djinn.connect`.
+class _Connected:
+    """What both clients read off their connection without a round trip."""
 
-    Every call takes a `timeout` (default: the client's) and raises
-    DjinnTimeoutError past it; a dead server raises ConnectionLostError at once.
-    """
-
-    def __init__(self, connection: BlockingConnection, timeout: float) -> None:
+    def __init__(self, connection: BlockingConnection | RpcConnection, timeout: float) -> None:
         self._conn = connection
         self.timeout = timeout
 
@@ -64,6 +60,27 @@ class Client:
     def server_info(self) -> dict[str, Any]:
         """What the server said about itself in the handshake (version, device)."""
         return dict(self._conn.server_info)
+
+    def stats(self) -> dict[str, int]:
+        """This connection's traffic on the wire, headers included, and calls in flight."""
+        return {**self._conn.counters.as_dict(), "calls_in_flight": self._conn.in_flight}
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn.is_open
+
+
+class Client(_Connected):
+    """A connection to a djinn server; create it with `djinn.connect`.
+
+    Every call takes a `timeout` (default: the client's) and raises
+    DjinnTimeoutError past it; a dead server raises ConnectionLostError at once.
+    """
+
+    _conn: BlockingConnection
+
+    def __init__(self, connection: BlockingConnection, timeout: float) -> None:
+        super().__init__(connection, timeout)
 
     def call(
         self, method: str, *args: Any, timeout: float | None = None, meter: Meter | None = None
@@ -85,17 +102,10 @@ class Client:
         return result
 
     def server_stats(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """The server's view: sessions, models, resident bytes, device memory."""
+        """The server's view: sessions, models, resident bytes, device memory, and the
+        time its device thread has spent working (device_busy_s, device_jobs)."""
         result: dict[str, Any] = self.call("server_stats", timeout=timeout)
         return result
-
-    def stats(self) -> dict[str, int]:
-        """This connection's traffic on the wire, headers included, and calls in flight."""
-        return {**self._conn.counters.as_dict(), "calls_in_flight": self._conn.in_flight}
-
-    @property
-    def is_open(self) -> bool:
-        return self._conn.is_open
 
     def close(self) -> None:
         """Close the connection; the server frees this client's sessions."""
@@ -131,15 +141,16 @@ def connect(
     return Client(conn, timeout)
 
 
-class AsyncClient:
+class AsyncClient(_Connected):
     """A connection to a djinn server for asyncio code, with many calls in flight.
 
     Create it with `await AsyncClient.connect(address)`; same calls as Client.
     """
 
+    _conn: RpcConnection
+
     def __init__(self, connection: RpcConnection, timeout: float) -> None:
-        self._conn = connection
-        self.timeout = timeout
+        super().__init__(connection, timeout)
 
     @classmethod
     async def connect(
@@ -157,14 +168,6 @@ class AsyncClient:
             host, port, token=_token(token), timeout=connect_timeout, limits=limits
         )
         return cls(conn, timeout)
-
-    @property
-    def address(self) -> str:
-        return self._conn.address
-
-    @property
-    def server_info(self) -> dict[str, Any]:
-        return dict(self._conn.server_info)
 
     async def call(
         self, method: str, *args: Any, timeout: float | None = None, meter: Meter | None = None
@@ -186,13 +189,6 @@ class AsyncClient:
     async def server_stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("server_stats", timeout=timeout)
         return result
-
-    def stats(self) -> dict[str, int]:
-        return {**self._conn.counters.as_dict(), "calls_in_flight": self._conn.in_flight}
-
-    @property
-    def is_open(self) -> bool:
-        return self._conn.is_open
 
     async def close(self) -> None:
         self._conn.close()
