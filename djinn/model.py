@@ -80,7 +80,8 @@ class _Facts:
 
     @classmethod
     def of(cls, model: torch.nn.Module, server_dtype: str) -> _Facts:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        output_embeddings = getattr(model, "get_output_embeddings", None)
+        head = output_embeddings() if callable(output_embeddings) else None
         vocab = getattr(head, "out_features", None) or getattr(
             getattr(model, "config", None), "vocab_size", 0
         )
@@ -232,12 +233,13 @@ class RemoteModel:
 
         logits_ref = self._session.new_ref()
         cache_ref = cache.ref if isinstance(cache, RemoteCache) else self._session.new_ref()
-        cache_wire = cache.ref if isinstance(cache, RemoteCache) else _cache_layers(cache)
+        layers = None if isinstance(cache, RemoteCache) else _cache_layers(cache)
+        cache_wire = cache.ref if isinstance(cache, RemoteCache) else layers
         ids_wire = ids.ref if isinstance(ids, RemoteTensor) else ids
         mask_wire = mask.ref if isinstance(mask, RemoteTensor) else mask
         self._record_input("forward", "input_ids", ids)
         if cache is not None:
-            sent = 0 if isinstance(cache, RemoteCache) else _nbytes(cache_wire)
+            sent = _nbytes(layers)
             decision = _R if isinstance(cache, RemoteCache) else _D
             self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, decision, sent)
         if logits_mode == "ref" and cache_mode != "data":

@@ -85,7 +85,8 @@ def describe(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
     name = _transformers_class(model)
     spec: dict[str, Any]
     if name is not None:
-        config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator]
+        pretrained: Any = model  # a transformers PreTrainedModel, as _transformers_class found
+        config = json.loads(pretrained.config.to_json_string(use_diff=False))
         config["architectures"] = [name]
         spec = {"kind": "transformers", "class": name, "config": canonical_config(config)}
     else:

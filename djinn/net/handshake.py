@@ -81,6 +81,7 @@ class ClientHandshake:
 
     def welcome(self, message: object) -> dict[str, object]:
         """The server facts from a WELCOME message."""
-        if not isinstance(message, dict) or not isinstance(message.get("server"), dict):
+        server = message.get("server") if isinstance(message, dict) else None
+        if not isinstance(server, dict):
             raise RemoteProtocolError("cannot connect: malformed welcome from the server")
-        return message["server"]
+        return server

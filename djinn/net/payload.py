@@ -21,7 +21,7 @@ import math
 import pickle
 import pickletools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, Final
@@ -205,7 +205,7 @@ class _Pickler(pickle.Pickler):
             )
         data = np.ascontiguousarray(array)
         raw = data.reshape(-1).view(np.uint8)
-        return ("ndarray", self._add(memoryview(raw)), data.dtype.str, data.shape)
+        return ("ndarray", self._add(raw.data), data.dtype.str, data.shape)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -215,7 +215,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if data.device.type != "cpu":
         data = data.cpu()
     data = data.resolve_conj().resolve_neg().contiguous()
-    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
+    return data.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -320,7 +320,7 @@ def _decode_ref(buffers: Sequence[Any], ref_id: object) -> Ref:
     return Ref(ref_id)
 
 
-_DECODERS: Final = {
+_DECODERS: Final[dict[str, Callable[..., Any]]] = {
     "tensor": _decode_tensor,
     "ndarray": _decode_ndarray,
     "bytes": _decode_bytes,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from djinn.errors import ConnectionLostError, ProtocolError
 from djinn.net.frame import (
@@ -88,11 +88,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # -- asyncio callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
+        stream = cast(asyncio.Transport, transport)  # uvloop's is no subclass, but is one
+        self.transport = stream
+        sock = stream.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        stream.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer()

@@ -136,10 +136,11 @@ class ServerConnection:
         except RemoteProtocolError as exc:
             self.on_protocol_error(exc)
             return None
-        valid = isinstance(message, dict) and field in message
-        if valid and field == "nonce":
-            valid = handshake.is_nonce(message["nonce"])
-        if not valid:
+        if (
+            not isinstance(message, dict)
+            or field not in message
+            or (field == "nonce" and not handshake.is_nonce(message["nonce"]))
+        ):
             self.on_protocol_error(
                 RemoteProtocolError(f"cannot accept {frame.kind.name}: malformed handshake")
             )

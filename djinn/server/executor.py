@@ -63,7 +63,7 @@ class Executor:
             pinned_block if self.is_cuda else host_block, max_in_use_bytes=receive_budget
         )
         self.allocate: Allocator = self.receive_pool
-        self._stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self._stream = torch.cuda.Stream(device) if self.is_cuda else None  # type: ignore[no-untyped-call]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-device")
         self._max_queued = max_queued
         self.queued = 0

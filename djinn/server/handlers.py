@@ -185,8 +185,8 @@ async def forward(
         )
         logits: Any = result.logits
         if logits_mode == "ref":
-            session.put(Ref(logits_ref), result.logits)
-            logits = (tuple(result.logits.shape), result.logits.dtype)
+            session.put(Ref(logits_ref), logits)
+            logits = (tuple(logits.shape), logits.dtype)
         if cache_mode == "ref" and result.cache is not None:
             if isinstance(cache, Ref):
                 session.resize(cache)  # the cache grew in place

@@ -88,7 +88,7 @@ def check_ids(
         )
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise RemoteUsageError(f"cannot run the model: input_ids must be integers, got {ids.dtype}")
-    vocab = model.module.get_input_embeddings().num_embeddings
+    vocab = model.vocab
     if deferred is None:
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
@@ -296,8 +296,8 @@ def _check_deferred(session: Session, deferred: tuple[list[int], list[torch.Tens
     bad = torch.stack(flags).cpu()  # the batch's one synchronization for these
     if bool(bad.any()):
         index = indices[int(bad.nonzero()[0])]
-        vocab = session.model.module.get_input_embeddings().num_embeddings  # type: ignore[union-attr]
-        cause = OutOfVocabulary(vocab)
+        assert session.model is not None  # the batch's forwards ran it
+        cause = OutOfVocabulary(session.model.vocab)
         # the batch ran on with id 0 in its place: none of its results are kept
         raise OpFailed(index, "forward", cause, Batch())
 

@@ -65,6 +65,12 @@ class LoadedModel:
     def config(self) -> Any:
         return getattr(self.module, "config", None)
 
+    @property
+    def vocab(self) -> int:
+        """How many ids the model can index with: its input embedding's rows."""
+        module: Any = self.module
+        return int(module.get_input_embeddings().num_embeddings)
+
 
 @dataclass
 class Upload:
@@ -317,7 +323,7 @@ def _is_entry(entry: object) -> bool:
 def _load_transformers(path: Path, meta: Mapping[str, Any], dtype: torch.dtype | None) -> Any:
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()  # the server logs loads itself
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     cls = getattr(transformers, meta["class"], None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise RemoteUsageError(

@@ -150,7 +150,9 @@ class SessionRegistry:
 
     def find(self, owner: Any, session_id: object) -> Session:
         """The caller's own open session, touched; LostReferenceError otherwise."""
-        session = owner.sessions.get(session_id) if isinstance(session_id, str) else None
+        session: Session | None = (
+            owner.sessions.get(session_id) if isinstance(session_id, str) else None
+        )
         if session is None:
             raise LostReferenceError(
                 f"cannot use session {session_id!r:.40}: it is closed, expired, "
