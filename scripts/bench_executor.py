@@ -14,7 +14,7 @@ CUDA stream, a job per call) rather than the network or the client:
 Runs are interleaved; each line reports per-token ms and the ratio to native
 in the same round (median over rounds). No server, no sockets.
 
-    python scripts/bench_executor.py [--model gpt2] [--device auto] [--runs 5]
+    python scripts/bench_executor.py [--model gpt2|DIR] [--device auto] [--runs 5]
 """
 
 from __future__ import annotations
@@ -53,22 +53,27 @@ def per_step_jobs(executor: Executor, model: Local, ids: torch.Tensor, new_token
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2", help=f"a GPT-2 preset ({', '.join(PRESETS)})")
+    p.add_argument(
+        "--model",
+        default="gpt2",
+        help=f"a GPT-2 preset ({', '.join(PRESETS)}) or a local model folder",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument("--runs", type=int, default=5, help="counted rounds (after one warm-up)")
     p.add_argument("--prompt-tokens", type=int, default=72)
     p.add_argument("--new-tokens", type=int, default=50)
     args = p.parse_args(argv)
-    if args.model not in PRESETS:
-        p.error(f"--model must be one of {', '.join(PRESETS)}")
+    if args.model not in PRESETS and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model must be one of {', '.join(PRESETS)} or a model folder")
     if min(args.runs, args.prompt_tokens, args.new_tokens) < 1:
         p.error("--runs, --prompt-tokens and --new-tokens must be >= 1")
     try:
         device = resolve_device(args.device)
     except UsageError as exc:
         p.error(str(exc))
-    model = Local(build_model(args.model, device, torch.float32, 0)[0])
-    ids = prompt_ids(None, args.prompt_tokens, model.model.config.vocab_size).to(device)
+    built, tokenizer, _ = build_model(args.model, device, torch.float32, 0)
+    model = Local(built)
+    ids = prompt_ids(tokenizer, args.prompt_tokens, model.model.config.vocab_size).to(device)
     executor = Executor(device, receive_budget=1 << 30, max_queued=4)
     n = args.new_tokens
 

@@ -8,17 +8,39 @@ from pathlib import Path
 
 import pytest
 
+from tests.models import tiny_gpt2
+
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = [sys.executable, str(ROOT / "scripts" / "bench_executor.py"), "--device", "cpu"]
+SMALL = ["--runs", "1", "--prompt-tokens", "4", "--new-tokens", "3"]
+
+
+def check_report(stdout: str, first_line: str) -> None:
+    lines = stdout.splitlines()
+    assert lines[0] == first_line
+    for way in ("native", "one_job", "job_per_step"):
+        [line] = [x for x in lines if x.strip().startswith(f"{way}:")]
+        assert "ms/token" in line and "x native" in line
 
 
 @pytest.mark.timeout(120)
 def test_reports_each_way_against_native() -> None:
-    args = [sys.executable, str(ROOT / "scripts" / "bench_executor.py"), "--device", "cpu"]
-    args += ["--runs", "1", "--prompt-tokens", "4", "--new-tokens", "3"]
+    result = subprocess.run(SCRIPT + SMALL, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_report(result.stdout, "gpt2 on cpu, 4+3 tokens, 1 rounds")
+
+
+@pytest.mark.timeout(120)
+def test_runs_a_saved_model_folder(tmp_path: Path) -> None:
+    tiny_gpt2(seed=5).save_pretrained(tmp_path)
+    args = [*SCRIPT, "--model", str(tmp_path), *SMALL]
     result = subprocess.run(args, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "gpt2 on cpu, 4+3 tokens, 1 rounds"
-    for way in ("native", "one_job", "job_per_step"):
-        [line] = [x for x in lines if x.strip().startswith(f"{way}:")]
-        assert "ms/token" in line and "x native" in line
+    check_report(result.stdout, f"{tmp_path} on cpu, 4+3 tokens, 1 rounds")
+
+
+def test_an_unknown_model_is_a_usage_error(tmp_path: Path) -> None:
+    args = [*SCRIPT, "--model", str(tmp_path / "absent")]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--model must be one of" in result.stderr
