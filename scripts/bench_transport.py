@@ -177,7 +177,7 @@ def main() -> None:
 
         def raw_echo() -> None:
             data = tensor.cpu() if args.device != "cpu" else host
-            raw.round_trip(memoryview(data.numpy()).cast("B"))
+            raw.round_trip(data.numpy().data.cast("B"))
 
         echoed = client.echo(tensor)
         if not torch.equal(echoed.to(tensor.device), tensor):

@@ -125,7 +125,7 @@ def build_model(
         config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads)
         torch.manual_seed(seed)
         with torch.device(device):
-            model = GPT2LMHeadModel(config)
+            model: Any = GPT2LMHeadModel(config)  # Any: transformers types .to() for its own use
         return model.to(dtype).eval(), None, f"{name} (seeded random weights, seed {seed})"
     path = Path(name)
     if not (path / "config.json").exists():
