@@ -323,6 +323,7 @@ def _is_entry(entry: object) -> bool:
 def _load_transformers(path: Path, meta: Mapping[str, Any], dtype: torch.dtype | None) -> Any:
     import transformers
 
+    # the server logs loads itself
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     cls = getattr(transformers, meta["class"], None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
