@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 import weakref
 from typing import Any, Final
 
@@ -30,6 +32,8 @@ from djinn.net.rpc import Meter
 # Seconds allowed per GiB of upload on top of the client's timeout, so a
 # large model's chunk is not cut off on a slow link.
 UPLOAD_S_PER_GIB: Final = 60.0
+
+log = logging.getLogger("djinn")
 
 _SPECS: weakref.WeakKeyDictionary[
     torch.nn.Module, tuple[Any, dict[str, Any], dict[str, torch.Tensor]]
@@ -105,11 +109,16 @@ def register(
     client: Client, spec: dict[str, Any], tensors: dict[str, torch.Tensor], meter: Meter
 ) -> int:
     """Make the server hold the model; returns the weight bytes uploaded (0 when it had them)."""
+    model = str(spec["fingerprint"])[:12]
     reply = client.call("register", spec, meter=meter)
     if reply["status"] == "ready":
+        log.info("model %s: the server holds it, nothing to upload", model)
         return 0
     chunk_limit = int(reply["chunk_bytes"])
     names = [name for name, _, _ in spec["manifest"]]
+    total = sum(tensors[name].nbytes for name in names)
+    log.info("model %s: uploading %d tensors, %.1f MB", model, len(names), total / 1e6)
+    began = time.perf_counter()
     uploaded = 0
     start = 0
     while start < len(names):
@@ -123,5 +132,8 @@ def register(
         client.call("upload", spec["fingerprint"], start, chunk, timeout=timeout, meter=meter)
         start += len(chunk)
         uploaded += size
+        log.debug("model %s: %.1f of %.1f MB uploaded", model, uploaded / 1e6, total / 1e6)
     client.call("commit", spec["fingerprint"], timeout=client.timeout + 60.0, meter=meter)
+    seconds = time.perf_counter() - began
+    log.info("model %s: uploaded %.1f MB in %.1f s", model, uploaded / 1e6, seconds)
     return uploaded

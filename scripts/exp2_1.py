@@ -482,7 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Any] = {"native_pytorch": Local(model)}
         for name in args.baselines[1:]:
             log(f"registering the model for {name} ...")
+            began = time.perf_counter()
             runners[name] = djinn.RemoteModel(model, client, policy=POLICIES[name])
+            sent = runners[name].uploaded_bytes
+            held = f"uploaded {sent / 1e6:.1f} MB" if sent else "the server held it already"
+            log(f"  {held}, {time.perf_counter() - began:.1f} s")
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.baselines}
         total = (args.warmup + args.runs) * len(args.baselines)
         with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:

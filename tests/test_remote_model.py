@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,13 +172,22 @@ def test_every_decision_is_recorded(
     assert stats["by_lifecycle"]["session_state"]["data_bytes"] == 0
 
 
-def test_second_registration_uploads_nothing(fresh: ServerProcess) -> None:
+def test_second_registration_uploads_nothing(
+    fresh: ServerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="djinn")
     model = tiny_gpt2(seed=5)
     weights = sum(p.nbytes for p in model.parameters())
     with RemoteModel(model, fresh.address) as first:
         assert first.uploaded_bytes >= weights * 0.9
+    said = f"model {first.fingerprint[:12]}: "
+    mb = f"{first.uploaded_bytes / 1e6:.1f} MB"
+    start, done = caplog.messages[-2:]
+    assert start.startswith(f"{said}uploading ") and start.endswith(f" tensors, {mb}")
+    assert done.startswith(f"{said}uploaded {mb} in ") and done.endswith(" s")
     with djinn.connect(fresh.address) as client, RemoteModel(model, client) as second:
         assert second.uploaded_bytes == 0
+        assert caplog.messages[-1] == f"{said}the server holds it, nothing to upload"
         assert second.stats()["bytes_sent"] < 20_000
         assert client.server_stats()["models"] == 1
 
