@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from djinn.errors import UsageError  # noqa: E402
 from djinn.server.executor import Executor, resolve_device  # noqa: E402
-from scripts.exp2_1 import PRESETS, Local, build_model, decode, prompt_ids  # noqa: E402
+from scripts.exp2_1 import PRESETS, Local, build_model, decode, is_model, prompt_ids  # noqa: E402
 
 
 def per_step_jobs(executor: Executor, model: Local, ids: torch.Tensor, new_tokens: int) -> None:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=72)
     p.add_argument("--new-tokens", type=int, default=50)
     args = p.parse_args(argv)
-    if args.model not in PRESETS and not (Path(args.model) / "config.json").is_file():
+    if not is_model(args.model):
         p.error(f"--model must be one of {', '.join(PRESETS)} or a model folder")
     if min(args.runs, args.prompt_tokens, args.new_tokens) < 1:
         p.error("--runs, --prompt-tokens and --new-tokens must be >= 1")

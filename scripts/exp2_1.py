@@ -114,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the model and the prompt ---------------------------------------------------------------
 
 
+def is_model(name: str) -> bool:
+    """A GPT-2 preset name, or a folder holding a model's config."""
+    return name in PRESETS or (Path(name) / "config.json").is_file()
+
+
 def build_model(
     name: str, device: torch.device, dtype: torch.dtype, seed: int
 ) -> tuple[Any, Any, str]:
@@ -128,7 +133,7 @@ def build_model(
             model: Any = GPT2LMHeadModel(config)  # Any: transformers types .to() for its own use
         return model.to(dtype).eval(), None, f"{name} (seeded random weights, seed {seed})"
     path = Path(name)
-    if not (path / "config.json").exists():
+    if not is_model(name):
         raise SystemExit(f"--model {name}: not a preset ({', '.join(PRESETS)}) nor a model folder")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = None  # a folder without a tokenizer: ids come from the text's bytes
