@@ -15,6 +15,8 @@ from djinn.server.process import ServerProcess
 settings.register_profile(
     "djinn", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow]
 )
+# HYPOTHESIS_PROFILE=long: a hundred times the examples, for a search before a release
+settings.register_profile("long", parent=settings.get_profile("djinn"), max_examples=20_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "djinn"))
 
 # Keep torch to the machine's two cores in every process the tests start.

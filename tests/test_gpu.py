@@ -13,7 +13,7 @@ import torch
 
 import djinn
 from djinn import RemoteModel, RemoteTensor
-from djinn.errors import DeviceOutOfMemoryError
+from djinn.errors import DeviceOutOfMemoryError, RemoteUsageError
 from djinn.net.buffers import BufferPool, pinned_block
 from djinn.server.process import ServerProcess
 from tests.models import BUILDERS, prompt, tiny_gpt2
@@ -81,6 +81,32 @@ def test_kv_cache_stays_on_the_device_and_counts_against_the_session(tmp_path: P
         assert isinstance(token, torch.Tensor) and token.device.type == "cpu"
         assert observer.server_stats()["resident_bytes"] > 0
         del out
+
+
+def test_out_of_range_indices_are_errors_not_device_asserts(tmp_path: Path) -> None:
+    """On CUDA each of these would be a device-side assert, the end of every session."""
+    args = ("--store", str(tmp_path), "--device", "cuda")
+    with (
+        ServerProcess(*args) as proc,
+        RemoteModel(tiny_gpt2(), proc.address) as rm,
+        RemoteModel(tiny_gpt2(), proc.address) as other,
+    ):
+        logits = rm(prompt(length=16)).logits  # [1, 16, VOCAB]
+        assert isinstance(logits, RemoteTensor)
+        far = logits[:, -1].argmax(-1) + 10**6  # made on the device, never read
+        bad = [
+            lambda: logits.gather(-1, far[:, None, None].expand(1, 16, 1)),
+            lambda: logits[0].index_select(0, far),
+            lambda: logits[0, far],
+            lambda: torch.multinomial(logits[0, -1].softmax(-1).log(), 4, replacement=True),
+            lambda: rm(far[:, None]).logits,
+        ]
+        for make in bad:
+            with pytest.raises(RemoteUsageError, match=r"outside|cannot sample"):
+                make().cpu()
+            # the device is still fine, for this session and the other one
+            assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)
+            assert other.generate(prompt(), max_new_tokens=2).shape == (1, 14)
 
 
 def test_device_out_of_memory_is_a_typed_error_for_that_session_only(tmp_path: Path) -> None:

@@ -188,6 +188,20 @@ def test_a_queued_out_of_vocabulary_token_fails_its_batch_at_its_line(rm: Remote
     assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)  # the session goes on
 
 
+def test_a_queued_out_of_range_index_fails_at_its_line_and_keeps_what_came_before(
+    rm: RemoteModel, model: torch.nn.Module
+) -> None:
+    logits = rm(prompt(length=8)).logits  # queued, like everything up to the read
+    far = logits[:, -1].argmax(-1) + VOCAB  # computed on the server: checked only there
+    picked, line = logits[0].index_select(-1, far), inspect.currentframe().f_lineno  # type: ignore[union-attr]
+    with pytest.raises(RemoteUsageError, match=r"outside \[0, \d+\)") as info:
+        picked.cpu()
+    assert f"test_remote_tensor.py:{line} in test_a_queued_out_of_range" in str(info.value)
+    with torch.no_grad():
+        expected = model(prompt(length=8)).logits[:, -1].argmax(-1)
+    assert torch.equal(logits[:, -1].argmax(-1).cpu(), expected)  # made before the failure
+
+
 def test_shape_errors_are_raised_at_once_by_meta_inference(
     pair: tuple[RemoteTensor, torch.Tensor],
 ) -> None:

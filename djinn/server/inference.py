@@ -6,6 +6,7 @@ event loop with what these functions return.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from djinn.errors import RemoteUsageError
 from djinn.generation import GenerationParams, generate
 from djinn.net.payload import Ref
 from djinn.ops import lookup
+from djinn.server.bounds import Deferred, guard
 from djinn.server.executor import Executor
 from djinn.server.models import LoadedModel
 from djinn.server.sessions import Session
@@ -71,7 +73,7 @@ def resolve_cache(session: Session, cache: Any) -> Any:
 
 
 def check_ids(
-    model: LoadedModel, ids: torch.Tensor, cached: int, deferred: list[torch.Tensor] | None = None
+    model: LoadedModel, ids: torch.Tensor, cached: int, deferred: Deferred | None = None
 ) -> torch.Tensor:
     """Ids the model can index with: an out-of-vocabulary id would be a device-side
     assert on CUDA, which ends every session on the device.
@@ -79,8 +81,7 @@ def check_ids(
     Ids from the wire are checked at once. Ids a queued operation made (a
     queued argmax, on the device) are not read here, which would synchronize
     the device every step: when `deferred` is given, any bad one is replaced
-    by id 0 where it lies and a flag is appended to `deferred`, for the caller
-    to read once its batch is done.
+    by id 0 where it lies and flagged there (see djinn.server.bounds).
     """
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise RemoteUsageError(
@@ -95,8 +96,8 @@ def check_ids(
             raise OutOfVocabulary(vocab, high if high >= vocab else low)
     else:
         bad = (ids < 0) | (ids >= vocab)
-        deferred.append(bad.any())
-        ids = torch.where(bad, torch.zeros_like(ids), ids)
+        deferred.flag(bad, OutOfVocabulary(vocab))
+        ids = ids.masked_fill(bad, 0)
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cached + ids.shape[1] > limit:
         raise RemoteUsageError(
@@ -122,7 +123,7 @@ def forward(
     attention_mask: torch.Tensor | None,
     logits_mode: str,
     cache_mode: str,
-    deferred: list[torch.Tensor] | None = None,
+    deferred: Deferred | None = None,
 ) -> ForwardResult:
     """One model call. `cache` is a cache object, a list of host (k, v) pairs, or None.
     `deferred` collects vocabulary checks left for later (see check_ids)."""
@@ -257,7 +258,7 @@ def run_ops(
     host. Raises OpFailed at the first failing operation, LostReferenceError for a
     fetch of a value the session does not hold."""
     batch = Batch()
-    deferred: tuple[list[int], list[torch.Tensor]] = ([], [])  # (op index, any-bad flag)
+    deferred = Deferred()
 
     def resolve(value: Any) -> Any:
         if isinstance(value, Ref):
@@ -266,20 +267,27 @@ def run_ops(
             return executor.to_device(value)
         return value
 
+    made_before: list[int] = []  # per operation: how many values the batch had made before it
     for index, op in enumerate(ops):
+        made_before.append(len(batch.produced))
         name = op[1] if isinstance(op, tuple) and len(op) > 1 and op[0] == "op" else "forward"
+        deferred.at(index, str(name)[:60])
         try:
             if isinstance(op, tuple) and len(op) == 6 and op[0] == "op":
-                _run_op(op, resolve, batch, index)
+                _run_op(op, resolve, batch, index, deferred)
             elif isinstance(op, tuple) and len(op) == 7 and op[0] == "forward":
-                checks = len(deferred[1])
-                _run_forward(executor, session, op, resolve, batch, deferred[1])
-                deferred[0].extend([index] * (len(deferred[1]) - checks))
+                _run_forward(executor, session, op, resolve, batch, deferred)
             else:
                 raise RemoteUsageError("malformed operation")
         except Exception as exc:
             raise OpFailed(index, str(name)[:60], exc, batch) from exc
-    _check_deferred(session, deferred)
+    failure = deferred.first_failure()  # the batch's one synchronization for these
+    if failure is not None:
+        # the batch ran on with safe values in place of bad ones: what the failed operation
+        # and those after it made is not kept (held caches they grew count as grown)
+        index = failure[0]
+        kept = dict(itertools.islice(batch.produced.items(), made_before[index]))
+        raise OpFailed(*failure, Batch(produced=kept, grown=batch.grown))
     for ref_id in fetch or ():
         value = resolve(Ref(ref_id))
         if not isinstance(value, torch.Tensor):
@@ -288,28 +296,17 @@ def run_ops(
     return batch
 
 
-def _check_deferred(session: Session, deferred: tuple[list[int], list[torch.Tensor]]) -> None:
-    """The vocabulary checks of device-resident ids, read once for the whole batch."""
-    indices, flags = deferred
-    if not flags:
-        return
-    bad = torch.stack(flags).cpu()  # the batch's one synchronization for these
-    if bool(bad.any()):
-        index = indices[int(bad.nonzero()[0])]
-        assert session.model is not None  # the batch's forwards ran it
-        cause = OutOfVocabulary(session.model.vocab)
-        # the batch ran on with id 0 in its place: none of its results are kept
-        raise OpFailed(index, "forward", cause, Batch())
-
-
-def _run_op(op: tuple[Any, ...], resolve: Any, batch: Batch, index: int) -> None:
+def _run_op(
+    op: tuple[Any, ...], resolve: Any, batch: Batch, index: int, deferred: Deferred
+) -> None:
     _, name, args, kwargs, out_ids, describe = op
     fn = lookup(name)
     if fn is None:
         raise RemoteUsageError(f"{name!r} is not an operation a RemoteTensor may run")
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not isinstance(out_ids, list):
         raise RemoteUsageError("malformed operation")
-    result = fn(*map_tree(args, resolve), **map_tree(kwargs, resolve))
+    args, kwargs = guard(name, map_tree(args, resolve), map_tree(kwargs, resolve), deferred)
+    result = fn(*args, **kwargs)
     tensors = [leaf for leaf in _leaves(result) if isinstance(leaf, torch.Tensor)]
     if len(tensors) > len(out_ids) or (not describe and len(tensors) != len(out_ids)):
         raise RemoteUsageError(f"{name} made {len(tensors)} tensors, expected {len(out_ids)}")
@@ -335,7 +332,7 @@ def _run_forward(
     op: tuple[Any, ...],
     resolve: Any,
     batch: Batch,
-    deferred: list[torch.Tensor],
+    deferred: Deferred,
 ) -> None:
     _, input_ids, cache, mask, logits_id, cache_id, use_cache = op
     if session.model is None:
