@@ -38,8 +38,19 @@ class GenerationParams:
             raise UsageError(f"cannot sample: temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"cannot sample: top_k must be >= 1, got {self.top_k}")
+        if self.pad_token_id is not None and type(self.pad_token_id) is not int:
+            raise UsageError(
+                f"cannot generate: pad_token_id must be an int, got {self.pad_token_id!r}"
+            )
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"cannot sample: top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def pad(self) -> int:
+        """The token finished rows get: pad_token_id, else the first eos id, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id[0] if self.eos_token_id else 0
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,11 +122,6 @@ def generate(
     if params.do_sample and generator is None:
         generator = torch.Generator(device=input_ids.device).manual_seed(params.seed)
     eos = torch.tensor(params.eos_token_id, device=input_ids.device, dtype=input_ids.dtype)
-    pad = (
-        params.pad_token_id
-        if params.pad_token_id is not None
-        else (params.eos_token_id[0] if params.eos_token_id else 0)
-    )
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     pieces = [input_ids]
     ids, cache, mask = input_ids, None, attention_mask
@@ -123,7 +129,7 @@ def generate(
         logits, cache = step(ids, cache, mask)
         token = next_tokens(logits, params, generator)
         if eos.numel():
-            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            token = torch.where(unfinished, token, torch.full_like(token, params.pad))
             unfinished &= ~torch.isin(token, eos)
         ids = token[:, None]
         pieces.append(ids)

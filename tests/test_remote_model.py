@@ -19,6 +19,7 @@ from djinn.errors import (
     RemoteUsageError,
     UsageError,
 )
+from djinn.generation import GenerationParams
 from djinn.semantics import Decision, Lifecycle
 from djinn.server.process import ServerProcess
 from djinn.tensor import RemoteCache
@@ -248,6 +249,24 @@ def test_another_sessions_cache_is_refused(
         # forging it past the client's check: the server does not hold it for b
         with pytest.raises(LostReferenceError, match="does not hold it"):
             client.call("run", b._session.id, ([], [], [cache.ref.id]))
+
+
+def test_a_pad_token_outside_the_vocabulary_is_refused(
+    server: ServerProcess, models: dict[str, torch.nn.Module]
+) -> None:
+    # finished rows are fed the pad token: on CUDA, one outside the vocabulary is a device assert
+    with djinn.connect(server.address) as client, RemoteModel(models["gpt2"], client) as rm:
+        for policy in ("full", "semantic_blind"):
+            with (
+                RemoteModel(models["gpt2"], client, policy=policy) as each,
+                pytest.raises(UsageError, match="pad token"),
+            ):
+                each.generate(prompt(), max_new_tokens=2, eos_token_id=3, pad_token_id=VOCAB)
+        # forged past the client's check, the server refuses it too
+        params = GenerationParams(max_new_tokens=2, eos_token_id=(3,), pad_token_id=VOCAB)
+        with pytest.raises(RemoteUsageError, match="outside the vocabulary"):
+            client.call("generate", rm._session.id, ([], [], []), prompt(), None, params.to_wire())
+        assert rm.generate(prompt(), max_new_tokens=2, eos_token_id=3).shape == (1, 14)
 
 
 def test_server_stats_count_the_device_threads_work(fresh: ServerProcess) -> None:

@@ -175,6 +175,8 @@ def run_generate(
 ) -> torch.Tensor:
     """A whole generation on the device; returns the new tokens on the host."""
     check_ids(model, input_ids, 0)
+    if params.eos_token_id and not 0 <= params.pad < model.vocab:  # fed back as a token
+        raise OutOfVocabulary(model.vocab, params.pad)
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and input_ids.shape[1] + params.max_new_tokens > limit:
         raise RemoteUsageError(
