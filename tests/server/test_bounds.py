@@ -2,8 +2,9 @@
 
 CPU torch raises "index ... out of bounds" exactly where CUDA would hit a
 device-side assert, so it is the oracle here: a guarded operation must never
-raise it, must flag exactly the inputs that raise it unguarded, and must give
-the unguarded result whenever nothing is flagged.
+raise it, must flag only the inputs that raise it unguarded (or that select
+nothing, where torch reads no index), and must give the unguarded result
+whenever nothing is flagged.
 """
 
 from __future__ import annotations
