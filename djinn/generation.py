@@ -52,6 +52,14 @@ class GenerationParams:
             return self.pad_token_id
         return self.eos_token_id[0] if self.eos_token_id else 0
 
+    def check_pad(self, vocab: int) -> None:
+        """Raise UsageError if finished rows would be fed a token outside [0, vocab)."""
+        if self.eos_token_id and not 0 <= self.pad < vocab:
+            raise UsageError(
+                f"cannot generate: finished rows would be fed pad token {self.pad}, outside "
+                f"the vocabulary [0, {vocab}); pass a pad_token_id inside it"
+            )
+
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 

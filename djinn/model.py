@@ -344,11 +344,7 @@ class RemoteModel:
             pad_token_id=pad_token_id if pad_token_id is not None else self._facts.pad_token_id,
             seed=seed,
         )
-        if params.eos_token_id and not 0 <= params.pad < self._facts.vocab_size:
-            raise UsageError(
-                f"cannot generate: finished rows would be fed pad token {params.pad}, outside "
-                f"the vocabulary [0, {self._facts.vocab_size}); pass a pad_token_id inside it"
-            )
+        params.check_pad(self._facts.vocab_size)
         ids = self._input(input_ids, "input_ids")
         if isinstance(ids, RemoteTensor):
             ids = ids.cpu()

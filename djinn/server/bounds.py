@@ -15,6 +15,7 @@ The same path runs on every device, so the CPU tests exercise it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -113,18 +114,6 @@ def _selection(
     return (*args[:2], safe, *args[3:]), kwargs
 
 
-def _gather(
-    args: tuple[Any, ...], kwargs: dict[str, Any], deferred: Deferred
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return _selection(args, kwargs, deferred, "gather")
-
-
-def _index_select(
-    args: tuple[Any, ...], kwargs: dict[str, Any], deferred: Deferred
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return _selection(args, kwargs, deferred, "index_select")
-
-
 def _multinomial(
     args: tuple[Any, ...], kwargs: dict[str, Any], deferred: Deferred
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -214,10 +203,10 @@ def _dims_used(item: Any) -> int:
 
 
 _GUARDS: Final[dict[str, Guard]] = {
-    "torch.gather": _gather,
-    "Tensor.gather": _gather,
-    "torch.index_select": _index_select,
-    "Tensor.index_select": _index_select,
+    "torch.gather": partial(_selection, name="gather"),
+    "Tensor.gather": partial(_selection, name="gather"),
+    "torch.index_select": partial(_selection, name="index_select"),
+    "Tensor.index_select": partial(_selection, name="index_select"),
     "torch.multinomial": _multinomial,
     "Tensor.__getitem__": _subscript,
 }

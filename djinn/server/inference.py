@@ -175,11 +175,7 @@ def run_generate(
 ) -> torch.Tensor:
     """A whole generation on the device; returns the new tokens on the host."""
     check_ids(model, input_ids, 0)
-    if params.eos_token_id and not 0 <= params.pad < model.vocab:  # fed back as a token
-        raise RemoteUsageError(
-            f"cannot generate: finished rows would be fed pad token {params.pad}, outside "
-            f"the vocabulary [0, {model.vocab})"
-        )
+    params.check_pad(model.vocab)  # a forged request: the client checked it too
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and input_ids.shape[1] + params.max_new_tokens > limit:
         raise RemoteUsageError(
