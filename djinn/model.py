@@ -16,6 +16,7 @@ import torch
 from djinn.client import DEFAULT_TIMEOUT, Client, connect
 from djinn.errors import UsageError
 from djinn.generation import GenerationParams, eos_ids, generate
+from djinn.kvcache import Layers, cache_from_layers, cache_layers, cache_length
 from djinn.net.payload import Ref
 from djinn.net.rpc import Meter
 from djinn.registration import describe, register
@@ -219,7 +220,7 @@ class RemoteModel:
         if isinstance(cache, RemoteCache):
             cache._check_session(self._session, "a KV cache")
         batch, seq = ids.shape
-        phase = detect_phase(_cache_length(cache))
+        phase = detect_phase(cache_length(cache))
         row = batch * self._facts.vocab_size * self._facts.logits_dtype.itemsize
         last = self._decide("logits[:, -1]", Lifecycle.OUTPUT, row, phase)
         rest = (
@@ -232,19 +233,20 @@ class RemoteModel:
         cache_mode = "none" if not use_cache else ("ref" if kept is _R else "data")
 
         logits_ref = self._session.new_ref()
-        cache_ref = cache.ref if isinstance(cache, RemoteCache) else self._session.new_ref()
-        layers = None if isinstance(cache, RemoteCache) else _cache_layers(cache)
-        cache_wire = cache.ref if isinstance(cache, RemoteCache) else layers
+        held = isinstance(cache, RemoteCache)  # on the server already
+        cache_ref = cache.ref if held else self._session.new_ref()
+        sent_layers = None if held or cache is None else cache_layers(cache)
+        cache_wire = cache.ref if held else sent_layers
         ids_wire = ids.ref if isinstance(ids, RemoteTensor) else ids
         mask_wire = mask.ref if isinstance(mask, RemoteTensor) else mask
         self._record_input("forward", "input_ids", ids)
         if cache is not None:
-            sent = _nbytes(layers)
-            decision = _R if isinstance(cache, RemoteCache) else _D
+            sent = _nbytes(sent_layers)
+            decision = _R if held else _D
             self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, decision, sent)
         if logits_mode == "ref" and cache_mode != "data":
             # Nothing comes back: queue it with the work that will read its results.
-            self._check_ids(ids, _cache_length(cache))
+            self._check_ids(ids, cache_length(cache))
             self._session.enqueue(
                 (
                     "forward",
@@ -261,7 +263,7 @@ class RemoteModel:
                 (batch, seq, self._facts.vocab_size),
                 self._facts.logits_dtype,
             )
-            layers, length = None, _cache_length(cache) + seq
+            layers, length = None, cache_length(cache) + seq
         else:
             logits, layers, length = self._session.call(
                 "forward",
@@ -285,7 +287,7 @@ class RemoteModel:
                 out_cache = RemoteCache(self._session, cache_ref, length)
             self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, _R, 0)
         elif cache_mode == "data":
-            out_cache = _local_cache(layers)
+            out_cache = None if layers is None else cache_from_layers(layers)
             self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, _D, _nbytes(layers))
         self._session.flush()
         return RemoteOutput(logits, out_cache)
@@ -453,36 +455,5 @@ class RemoteModel:
         )
 
 
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])  # legacy tuple of (k, v) per layer
-
-
-def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """A local transformers cache as (keys, values) per layer, to send as data."""
-    if cache is None:
-        return None
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    if isinstance(cache, (list, tuple)):
-        return [(k, v) for k, v, *_ in cache]
-    raise UsageError(
-        f"cannot send a cache of type {type(cache).__name__}: pass the past_key_values "
-        "a previous call returned"
-    )
-
-
-def _local_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
-    if layers is None:
-        return None
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers)
-
-
-def _nbytes(layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> int:
+def _nbytes(layers: Layers | None) -> int:
     return sum(k.nbytes + v.nbytes for k, v in layers or [])

@@ -7,7 +7,6 @@ event loop with what these functions return.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from djinn.errors import RemoteUsageError
 from djinn.generation import GenerationParams, generate
+from djinn.kvcache import Layers, cache_from_layers, cache_layers, cache_length
 from djinn.net.payload import Ref
 from djinn.ops import lookup
 from djinn.server.bounds import Deferred, guard
@@ -31,26 +31,8 @@ CACHE_MODES = ("data", "ref", "none")
 class ForwardResult:
     logits: torch.Tensor | None  # on the host (all/last) or the device (ref)
     cache: Any  # the transformers cache object, on the device
-    cache_data: list[tuple[torch.Tensor, torch.Tensor]] | None  # on the host, when asked
+    cache_data: Layers | None  # on the host, when asked
     cache_len: int
-
-
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers cache, legacy tuples included."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return [(k, v) for k, v, *_ in cache]
-
-
-def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], config: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=list(layers), config=config)
-
-
-def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length()) if cache is not None else 0
 
 
 def resolve_cache(session: Session, cache: Any) -> Any:
@@ -272,7 +254,8 @@ def run_ops(
     for index, op in enumerate(ops):
         made_before.append(len(batch.produced))
         name = op[1] if isinstance(op, tuple) and len(op) > 1 and op[0] == "op" else "forward"
-        deferred.at(index, str(name)[:60])
+        name = str(name)[:60]  # a client's string, as error messages will quote it
+        deferred.at(index, name)
         try:
             if isinstance(op, tuple) and len(op) == 6 and op[0] == "op":
                 _run_op(op, resolve, batch, index, deferred)
@@ -281,7 +264,7 @@ def run_ops(
             else:
                 raise RemoteUsageError("malformed operation")
         except Exception as exc:
-            raise OpFailed(index, str(name)[:60], exc, batch) from exc
+            raise OpFailed(index, name, exc, batch) from exc
     failure = deferred.first_failure()  # the batch's one synchronization for these
     if failure is not None:
         # the batch ran on with safe values in place of bad ones: what the failed operation
