@@ -3,24 +3,33 @@
 
 Experiment 2.1 splits full_djinn's time into the server's device thread and
 the rest. When the device thread itself is slower than native, this says
-whether the cause is how the server runs work (a worker thread, its own
-CUDA stream, a job per call) rather than the network or the client:
+which part of how the server runs work costs the time, with no network and
+no client in the way:
 
 - native: the experiment's greedy loop in this thread, on the default stream;
-- one_job: the same loop as a single job of the server's Executor, as a
-  full_djinn decode that reads its tokens at the end runs on the server;
+- side_stream: the same in this thread, on the executor's own CUDA stream (CUDA only);
+- worker_thread: the same in a plain worker thread, on the default stream;
+- one_job: the same as a single job of the server's Executor (its thread and stream);
+- server_ops: what a full_djinn decode sends, run as the server runs it: one
+  Executor job of `run_ops` over the queued forward, `[:, -1]` and argmax of
+  every step, then the fetch of the tokens;
 - job_per_step: one Executor job per step, as a loop that reads every token.
 
 Runs are interleaved; each line reports per-token ms and the ratio to native
-in the same round (median over rounds). No server, no sockets.
+in the same round (median over rounds). With --profile, one more decode of
+native and of server_ops runs under torch's profiler, and the operators
+whose host time differs most between the two are listed (a decode of at most
+10 tokens: the profiler's own work grows with every operator it records).
 
-    python scripts/bench_executor.py [--model gpt2|DIR] [--device auto] [--runs 5]
+    python scripts/bench_executor.py [--model gpt2|DIR] [--device auto] [--runs 5] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import itertools
 import statistics
 import sys
 import time
@@ -34,8 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from djinn.errors import UsageError  # noqa: E402
+from djinn.net.payload import Ref  # noqa: E402
+from djinn.server.config import ServerConfig  # noqa: E402
 from djinn.server.executor import Executor, resolve_device  # noqa: E402
+from djinn.server.inference import run_ops  # noqa: E402
+from djinn.server.models import LoadedModel  # noqa: E402
+from djinn.server.sessions import Session, SessionRegistry  # noqa: E402
 from scripts.exp2_1 import PRESETS, Local, build_model, decode, is_model, prompt_ids  # noqa: E402
+
+PROFILED_TOKENS = 10
 
 
 def per_step_jobs(executor: Executor, model: Local, ids: torch.Tensor, new_tokens: int) -> None:
@@ -51,6 +67,64 @@ def per_step_jobs(executor: Executor, model: Local, ids: torch.Tensor, new_token
     asyncio.run(run())
 
 
+def decode_ops(ids: torch.Tensor, new_tokens: int) -> tuple[list[Any], list[int]]:
+    """(operations, ids to fetch) as RemoteModel queues the experiment's loop under the
+    full policy: per step a forward that keeps logits and cache on the server, then
+    `logits[:, -1]` and `argmax(-1, keepdim=True)`; the tokens come back at the end."""
+    numbers = itertools.count(1)
+    ops: list[Any] = []
+    tokens: list[int] = []
+    step_ids: Any = ids
+    cache: Ref | None = None
+    cache_id = 0
+    for _ in range(new_tokens):
+        logits = next(numbers)
+        if cache is None:
+            cache_id = next(numbers)
+        ops.append(("forward", step_ids, cache, None, logits, cache_id, True))
+        last, token = next(numbers), next(numbers)
+        key = (slice(None), -1)
+        ops.append(("op", "Tensor.__getitem__", (Ref(logits), key), {}, [last], False))
+        ops.append(("op", "Tensor.argmax", (Ref(last), -1), {"keepdim": True}, [token], False))
+        step_ids, cache = Ref(token), Ref(cache_id)
+        tokens.append(token)
+    return ops, tokens
+
+
+def host_times(fn: Callable[[], object]) -> dict[str, tuple[int, float]]:
+    """Per operator over one call of `fn` in this thread: (calls, self host ms); under
+    "wall", the call's own time, which also holds the Python between operators."""
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = (1, (time.perf_counter() - start) * 1e3)
+    return {
+        "wall": wall,
+        **{e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()},
+    }
+
+
+def print_profile(
+    native: dict[str, tuple[int, float]], server: dict[str, tuple[int, float]], tokens: int
+) -> None:
+    def ms(side: dict[str, tuple[int, float]], key: str) -> float:
+        return side.get(key, (0, 0.0))[1]
+
+    ops = (set(native) | set(server)) - {"wall"}
+    print(
+        f"\nhost time per operator, one profiled decode of {tokens} tokens (most different first)"
+    )
+    print(f"{'operator':<36} {'native calls':>12} {'ms':>8} {'server_ops calls':>16} {'ms':>8}")
+    for key in sorted(ops, key=lambda k: -abs(ms(server, k) - ms(native, k)))[:15]:
+        (nc, nms), (sc, sms) = native.get(key, (0, 0.0)), server.get(key, (0, 0.0))
+        print(f"{key[:36]:<36} {nc:>12} {nms:>8.2f} {sc:>16} {sms:>8.2f}")
+    for name, values in (
+        ("all operators", [sum(ms(side, k) for k in ops) for side in (native, server)]),
+        ("wall, profiler included", [ms(native, "wall"), ms(server, "wall")]),
+    ):
+        print(f"{name:<36} {'':>12} {values[0]:>8.2f} {'':>16} {values[1]:>8.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -62,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="counted rounds (after one warm-up)")
     p.add_argument("--prompt-tokens", type=int, default=72)
     p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--profile", action="store_true", help="also profile native against server_ops")
     args = p.parse_args(argv)
     if not is_model(args.model):
         p.error(f"--model must be one of {', '.join(PRESETS)} or a model folder")
@@ -73,22 +148,45 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     built, tokenizer, _ = build_model(args.model, device, torch.float32, 0)
     model = Local(built)
-    ids = prompt_ids(tokenizer, args.prompt_tokens, model.model.config.vocab_size).to(device)
+    ids = prompt_ids(tokenizer, args.prompt_tokens, model.model.config.vocab_size)
     executor = Executor(device, receive_budget=1 << 30, max_queued=4)
+    session = Session(
+        None, LoadedModel("bench", built, 0, model.name), 1 << 40, SessionRegistry(ServerConfig())
+    )
     n = args.new_tokens
+    # the ids as they arrive on the server: on the host, pinned where it has a GPU
+    on_host = ids.pin_memory() if device.type == "cuda" else ids
+    ops, fetch = decode_ops(on_host, n)
+    ids = ids.to(device)
+    plain_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
-    def one_job() -> None:
-        asyncio.run(executor.run(decode, model, ids, n))
-
-    def native() -> None:
+    def native() -> list[int]:
         with torch.inference_mode():
-            decode(model, ids, n)
+            return decode(model, ids, n)
 
-    ways: dict[str, Callable[[], None]] = {
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def side_stream() -> None:
+        with torch.cuda.stream(side):
+            native()
+
+    def server_ops() -> list[int]:
+        batch = asyncio.run(executor.run(run_ops, executor, session, ops, fetch))
+        return [int(batch.fetched[i]) for i in fetch]
+
+    # the timings still come out if not (they are what a device run is for), but it fails
+    same_tokens = server_ops() == native()
+    if not same_tokens:
+        print("bench_executor: server_ops made other tokens than native", file=sys.stderr)
+    ways: dict[str, Callable[[], object]] = {
         "native": native,
-        "one_job": one_job,
+        "worker_thread": lambda: plain_thread.submit(native).result(),
+        "one_job": lambda: asyncio.run(executor.run(decode, model, ids, n)),
+        "server_ops": server_ops,
         "job_per_step": lambda: per_step_jobs(executor, model, ids, n),
     }
+    if side is not None:
+        ways["side_stream"] = side_stream
     times: dict[str, list[float]] = {name: [] for name in ways}
     for round_ in range(args.runs + 1):
         for name, way in ways.items():
@@ -100,12 +198,22 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize(device)
             if round_:  # the first round warms up
                 times[name].append((time.perf_counter() - start) * 1e3 / n)
-    executor.shutdown()
     print(f"{args.model} on {device}, {args.prompt_tokens}+{n} tokens, {args.runs} rounds")
     for name, ms in times.items():
         ratio = statistics.median(a / b for a, b in zip(ms, times["native"], strict=True))
         print(f"{name:>13}: {statistics.median(ms):8.2f} ms/token  {ratio:.3f}x native")
-    return 0
+    if args.profile:  # a short decode: profiling the whole one takes longer than running it
+        k = min(n, PROFILED_TOKENS)
+        with torch.inference_mode():
+            on_caller = host_times(lambda: decode(model, ids, k))
+        short_ops, short_fetch = decode_ops(on_host, k)
+        job = asyncio.run(
+            executor.run(host_times, lambda: run_ops(executor, session, short_ops, short_fetch))
+        )
+        print_profile(on_caller, job, k)
+    executor.shutdown()
+    plain_thread.shutdown()
+    return 0 if same_tokens else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The device-thread benchmark runs, small, and reports every way it times."""
+"""The device-thread benchmark runs, small, and reports every way it times; the
+server's own path (server_ops) has made the native tokens, or the script would stop."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SMALL = ["--runs", "1", "--prompt-tokens", "4", "--new-tokens", "3"]
 def check_report(stdout: str, first_line: str) -> None:
     lines = stdout.splitlines()
     assert lines[0] == first_line
-    for way in ("native", "one_job", "job_per_step"):
+    for way in ("native", "worker_thread", "one_job", "server_ops", "job_per_step"):
         [line] = [x for x in lines if x.strip().startswith(f"{way}:")]
         assert "ms/token" in line and "x native" in line
 
@@ -28,6 +29,20 @@ def test_reports_each_way_against_native() -> None:
     result = subprocess.run(SCRIPT + SMALL, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout + result.stderr
     check_report(result.stdout, "gpt2 on cpu, 4+3 tokens, 1 rounds")
+    assert "host time per operator" not in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_profile_compares_the_operators_of_native_and_server_ops() -> None:
+    args = [*SCRIPT, *SMALL, "--profile"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stdout + result.stderr
+    profile = result.stdout.split("host time per operator", 1)[1].splitlines()
+    rows = {line[:36].strip(): line[36:].split() for line in profile[2:]}
+    # the model's own matmuls ran on both sides, as often (3 steps, 12 layers, 2 per MLP)
+    native_calls, _, server_calls, _ = rows["aten::addmm"]
+    assert native_calls == server_calls and int(native_calls) >= 3 * 12 * 2
+    assert all(float(ms) > 0 for ms in rows["wall, profiler included"])
 
 
 @pytest.mark.timeout(120)
