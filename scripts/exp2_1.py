@@ -62,23 +62,30 @@ PROMPT_FILE = ROOT / "scripts" / "data" / "prompt.txt"
 SEED_TABLE = "GPT2-XL, 72 prompt tokens, 50 new tokens; ../shared/seed/000_890ddc4eb1080847.txt"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, but None: those options say in words what they fall back to."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         prog="scripts/run_exp2_1.sh",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument(
         "--model",
         default="gpt2-xl" if cuda else "gpt2",
         help=f"a GPT-2 preset ({', '.join(PRESETS)}) with seeded random weights, or a local "
-        "model folder loaded with from_pretrained (default: gpt2-xl with CUDA, else gpt2)",
+        "model folder loaded with from_pretrained; gpt2-xl where CUDA is available, else gpt2",
     )
     p.add_argument("--runs", type=int, default=30, help="counted runs per baseline")
     p.add_argument("--warmup", type=int, default=2, help="uncounted runs per baseline first")
-    p.add_argument("--prompt-tokens", type=int, default=72)
-    p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--prompt-tokens", type=int, default=72, help="prompt length, as in the seed")
+    p.add_argument("--new-tokens", type=int, default=50, help="tokens to generate per run")
     p.add_argument(
         "--baselines", default=",".join(BASELINES), help="comma-separated subset of the four"
     )

@@ -100,3 +100,5 @@ def test_help_lists_the_options() -> None:
         "--link-gbps",
     ):
         assert option in out
+    assert "(default: None)" not in out  # such options say what they fall back to
+    assert "(default: 72)" in out and "(default: 30)" in out
