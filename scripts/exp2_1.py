@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import djinn  # noqa: E402
+from djinn.cli import HelpFormatter  # noqa: E402
 from djinn.net.link import Link  # noqa: E402
 from djinn.server.process import ServerProcess  # noqa: E402
 
@@ -62,19 +63,12 @@ PROMPT_FILE = ROOT / "scripts" / "data" / "prompt.txt"
 SEED_TABLE = "GPT2-XL, 72 prompt tokens, 50 new tokens; ../shared/seed/000_890ddc4eb1080847.txt"
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default, but None: those options say in words what they fall back to."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         prog="scripts/run_exp2_1.sh",
         description=__doc__.split("\n\n")[0],
-        formatter_class=_Help,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from djinn.cli import HelpFormatter
 from djinn.errors import UsageError
 from djinn.server.config import DTYPES, ServerConfig, default_store
 
@@ -16,16 +17,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m djinn.server",
         description="Serve PyTorch models to djinn clients over TCP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind; non-loopback needs a token"
     )
     p.add_argument("--port", type=int, default=5556, help="port to bind; 0 picks a free one")
     p.add_argument(
-        "--token",
-        default=os.environ.get("DJINN_TOKEN"),
-        help="shared secret clients must prove (default: $DJINN_TOKEN)",
+        "--token", help="shared secret clients must prove (default: $DJINN_TOKEN, if set)"
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of models on the server")
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        token=args.token or None,
+        token=args.token or os.environ.get("DJINN_TOKEN") or None,
         device=args.device,
         dtype=args.dtype,
         store=args.store,

@@ -156,12 +156,27 @@ def test_a_pickle_that_calls_os_system_runs_nothing(server: ServerProcess, tmp_p
         assert other.ping() > 0
 
 
-def test_help_lists_the_options() -> None:
+def test_help_lists_the_options_and_never_the_token() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "djinn.server", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "djinn.server", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DJINN_TOKEN": TOKEN},
     ).stdout
     for option in ("--host", "--port", "--token", "--device", "--store", "--trust-remote-code"):
         assert option in out
+    assert TOKEN not in out and "(default: None)" not in out
+    assert "(default: 5556)" in out
+
+
+def test_server_takes_its_token_from_the_environment(tmp_path: Path) -> None:
+    env = {"DJINN_TOKEN": TOKEN}
+    with ServerProcess("--store", str(tmp_path), "--device", "cpu", env=env) as proc:
+        with pytest.raises(AuthenticationError, match="does not hold the same token"):
+            djinn.connect(proc.address, token="wrong")
+        with djinn.connect(proc.address, token=TOKEN) as client:
+            assert client.ping() > 0
 
 
 def refused(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

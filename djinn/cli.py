@@ -1,0 +1,13 @@
+"""What djinn's command lines share: help that shows each option's default."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default but None: those options say in words what they fall back to,
+    and a default read from the environment (a token) never reaches the screen."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
