@@ -70,9 +70,17 @@ def safe_index(
     low = -size if negative else 0
     if size == 0:  # no value is valid, and the shapes alone say so
         raise OutOfRange(f"cannot index {what}: it has size 0")
-    bad = (index < low) | (index >= size)
-    deferred.flag(bad, OutOfRange(f"cannot index {what}: an index lies outside [{low}, {size})"))
-    return index.masked_fill(bad, 0)
+    error = OutOfRange(f"cannot index {what}: an index lies outside [{low}, {size})")
+    return within(index, low, size, error, deferred)
+
+
+def within(
+    values: torch.Tensor, low: int, high: int, error: RemoteUsageError, deferred: Deferred
+) -> torch.Tensor:
+    """`values` with each one outside [low, high) replaced by 0, flagged as `error`."""
+    bad = (values < low) | (values >= high)
+    deferred.flag(bad, error)
+    return values.masked_fill(bad, 0)
 
 
 # -- the operations that take indices ----------------------------------------------------

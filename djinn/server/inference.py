@@ -17,7 +17,7 @@ from djinn.generation import GenerationParams, generate
 from djinn.kvcache import Layers, cache_from_layers, cache_layers, cache_length
 from djinn.net.payload import Ref
 from djinn.ops import lookup
-from djinn.server.bounds import Deferred, guard
+from djinn.server.bounds import Deferred, guard, within
 from djinn.server.executor import Executor
 from djinn.server.models import LoadedModel
 from djinn.server.sessions import Session
@@ -77,9 +77,7 @@ def check_ids(
         if low < 0 or high >= vocab:
             raise OutOfVocabulary(vocab, high if high >= vocab else low)
     else:
-        bad = (ids < 0) | (ids >= vocab)
-        deferred.flag(bad, OutOfVocabulary(vocab))
-        ids = ids.masked_fill(bad, 0)
+        ids = within(ids, 0, vocab, OutOfVocabulary(vocab), deferred)
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cached + ids.shape[1] > limit:
         raise RemoteUsageError(
