@@ -1,8 +1,8 @@
 """Connecting to a djinn server: `connect()` for plain code, `AsyncClient` for asyncio code.
 
 `Client` does its socket I/O in the calling thread (no event loop, no
-thread hop per call) and runs one call at a time; `AsyncClient` keeps many
-calls in flight on one connection.
+thread hop per call); `AsyncClient` keeps many calls in flight on one
+connection. Both drive the same protocol core (djinn.net.core).
 """
 
 from __future__ import annotations
@@ -11,17 +11,23 @@ import os
 import time
 from typing import Any, Final, TypeVar
 
-from djinn.errors import UsageError
+import msgspec
+
+from djinn import messages
+from djinn.errors import RemoteProtocolError, UsageError
+from djinn.net.aio import AsyncConnection, Partials
 from djinn.net.blocking import BlockingConnection
+from djinn.net.codec import wire_value
+from djinn.net.core import Meter
 from djinn.net.frame import DEFAULT_LIMITS, Limits
 from djinn.net.link import Link
-from djinn.net.rpc import Meter, RpcConnection
 
 DEFAULT_PORT: Final = 5556
 DEFAULT_TIMEOUT: Final = 120.0  # seconds a call may take before DjinnTimeoutError
 CONNECT_TIMEOUT: Final = 10.0
 
 T = TypeVar("T")
+R = TypeVar("R", bound=messages.Message)
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -45,10 +51,19 @@ def _token(token: str | None) -> str | None:
     return token if token is not None else (os.environ.get("DJINN_TOKEN") or None)
 
 
+def expect(reply: messages.Message, kind: type[R]) -> R:
+    """The reply as the type its request promises; RemoteProtocolError otherwise."""
+    if not isinstance(reply, kind):
+        raise RemoteProtocolError(
+            f"cannot read reply: expected {kind.__name__}, got {type(reply).__name__}"
+        )
+    return reply
+
+
 class _Connected:
     """What both clients read off their connection without a round trip."""
 
-    def __init__(self, connection: BlockingConnection | RpcConnection, timeout: float) -> None:
+    def __init__(self, connection: BlockingConnection | AsyncConnection, timeout: float) -> None:
         self._conn = connection
         self.timeout = timeout
 
@@ -58,8 +73,9 @@ class _Connected:
 
     @property
     def server_info(self) -> dict[str, Any]:
-        """What the server said about itself in the handshake (version, device)."""
-        return dict(self._conn.server_info)
+        """What the server said about itself in the handshake (version, device, dtype)."""
+        info: dict[str, Any] = msgspec.structs.asdict(self._conn.server_info)
+        return info
 
     def stats(self) -> dict[str, int]:
         """This connection's traffic on the wire, headers included, and calls in flight."""
@@ -82,30 +98,50 @@ class Client(_Connected):
     def __init__(self, connection: BlockingConnection, timeout: float) -> None:
         super().__init__(connection, timeout)
 
-    def call(
-        self, method: str, *args: Any, timeout: float | None = None, meter: Meter | None = None
-    ) -> Any:
-        """Low level: run a server method. `meter` accumulates this call's traffic."""
-        return self._conn.call(
-            method, args, timeout=self.timeout if timeout is None else timeout, meter=meter
+    def request(
+        self,
+        message: messages.Message,
+        kind: type[R],
+        *,
+        timeout: float | None = None,
+        meter: Meter | None = None,
+        on_partial: Partials | None = None,
+    ) -> R:
+        """Low level: send a message of djinn.messages, wait for its reply of `kind`."""
+        reply = self._conn.call(
+            message,
+            timeout=self.timeout if timeout is None else timeout,
+            meter=meter,
+            on_partial=on_partial,
         )
+        return expect(reply, kind)
+
+    @property
+    def connection(self) -> BlockingConnection:
+        return self._conn
 
     def ping(self, *, timeout: float | None = None) -> float:
         """One small round trip; returns its duration in seconds."""
         start = time.perf_counter()
-        self.call("ping", timeout=timeout)
+        self.request(messages.Ping(), messages.Done, timeout=timeout)
         return time.perf_counter() - start
 
     def echo(self, obj: T, *, timeout: float | None = None) -> T:
         """Send `obj` to the server and back (tensors, arrays, bytes, str, numbers, containers)."""
-        result: T = self.call("echo", obj, timeout=timeout)
-        return result
+        reply = self.request(messages.Echo(wire_value(obj)), messages.Echoed, timeout=timeout)
+        value: T = reply.value
+        return value
 
     def server_stats(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """The server's view: sessions, models, resident bytes, device memory, and the
-        time its device thread has spent working (device_busy_s, device_jobs)."""
-        result: dict[str, Any] = self.call("server_stats", timeout=timeout)
-        return result
+        """The server's view: sessions, models, resident bytes, device memory, batching,
+        and the time its device has spent working (device_busy_s, device_jobs)."""
+        return self.request(messages.Stats(), messages.StatsReply, timeout=timeout).stats
+
+    def models(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The models the server holds: name, fingerprint, parameters, dtype, and whether
+        each is resident on the device or only in the store."""
+        reply = self.request(messages.Models(), messages.ModelsReply, timeout=timeout)
+        return [msgspec.structs.asdict(m) for m in reply.models]
 
     def close(self) -> None:
         """Close the connection; the server frees this client's sessions."""
@@ -147,9 +183,9 @@ class AsyncClient(_Connected):
     Create it with `await AsyncClient.connect(address)`; same calls as Client.
     """
 
-    _conn: RpcConnection
+    _conn: AsyncConnection
 
-    def __init__(self, connection: RpcConnection, timeout: float) -> None:
+    def __init__(self, connection: AsyncConnection, timeout: float) -> None:
         super().__init__(connection, timeout)
 
     @classmethod
@@ -164,31 +200,46 @@ class AsyncClient(_Connected):
     ) -> AsyncClient:
         """Connect and authenticate; raises as `connect` does."""
         host, port = parse_address(address)
-        conn = await RpcConnection.open(
+        conn = await AsyncConnection.open(
             host, port, token=_token(token), timeout=connect_timeout, limits=limits
         )
         return cls(conn, timeout)
 
-    async def call(
-        self, method: str, *args: Any, timeout: float | None = None, meter: Meter | None = None
-    ) -> Any:
-        """Low level: run a server method. `meter` accumulates this call's traffic."""
-        return await self._conn.call(
-            method, args, timeout=self.timeout if timeout is None else timeout, meter=meter
+    async def request(
+        self,
+        message: messages.Message,
+        kind: type[R],
+        *,
+        timeout: float | None = None,
+        meter: Meter | None = None,
+        on_partial: Partials | None = None,
+    ) -> R:
+        """Low level: send a message of djinn.messages, wait for its reply of `kind`."""
+        reply = await self._conn.call(
+            message,
+            timeout=self.timeout if timeout is None else timeout,
+            meter=meter,
+            on_partial=on_partial,
         )
+        return expect(reply, kind)
 
     async def ping(self, *, timeout: float | None = None) -> float:
         start = time.perf_counter()
-        await self.call("ping", timeout=timeout)
+        await self.request(messages.Ping(), messages.Done, timeout=timeout)
         return time.perf_counter() - start
 
     async def echo(self, obj: T, *, timeout: float | None = None) -> T:
-        result: T = await self.call("echo", obj, timeout=timeout)
-        return result
+        reply = await self.request(messages.Echo(wire_value(obj)), messages.Echoed, timeout=timeout)
+        value: T = reply.value
+        return value
 
     async def server_stats(self, *, timeout: float | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("server_stats", timeout=timeout)
-        return result
+        reply = await self.request(messages.Stats(), messages.StatsReply, timeout=timeout)
+        return reply.stats
+
+    async def models(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        reply = await self.request(messages.Models(), messages.ModelsReply, timeout=timeout)
+        return [msgspec.structs.asdict(m) for m in reply.models]
 
     async def close(self) -> None:
         self._conn.close()

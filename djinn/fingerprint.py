@@ -1,9 +1,9 @@
 """Content fingerprints of models: how a server knows it already holds one.
 
 A fingerprint is the SHA-256 of a canonical header (architecture: class
-name and config, or the hash of pickled code; the name, dtype and shape of
-every weight; which weights alias which) followed by every weight's bytes
-in manifest order. The client computes it before registering; the server
+name and config, or the hash of pickled code; the generation defaults; the
+name, dtype and shape of every weight; which weights alias which) followed
+by every weight's bytes in manifest order. The client computes it before registering; the server
 recomputes it from what was uploaded and refuses a mismatch, so one
 client cannot plant weights under another model's fingerprint.
 """
@@ -17,15 +17,14 @@ from typing import Any, Final
 
 import torch
 
-from djinn.net.payload import tensor_bytes
+from djinn.messages import ModelSpec, TensorEntry
+from djinn.net.codec import tensor_bytes
 
-FORMAT: Final = b"djinn-model-1\0"
+FORMAT: Final = b"djinn-model-2\0"
 # Config keys that vary with the writer, not with the model.
 VOLATILE_CONFIG_KEYS: Final = frozenset(
     {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
 )
-
-Manifest = list[tuple[str, str, tuple[int, ...]]]
 
 
 def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,22 +66,24 @@ def unique_tensors(
     return unique, aliases
 
 
-def manifest_of(tensors: Mapping[str, torch.Tensor]) -> Manifest:
+def manifest_of(tensors: Mapping[str, torch.Tensor]) -> list[TensorEntry]:
     return [
-        (name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in tensors.items()
+        TensorEntry(name, str(t.dtype).removeprefix("torch."), list(t.shape))
+        for name, t in tensors.items()
     ]
 
 
-def header(spec: Mapping[str, Any]) -> bytes:
+def header(spec: ModelSpec) -> bytes:
     """The canonical bytes of everything in a model spec but the weights' values."""
-    code = spec.get("code")
+    code = spec.code
     fields = {
-        "kind": spec["kind"],
-        "class": spec["class"],
-        "config": spec.get("config"),
+        "kind": spec.kind,
+        "class": spec.cls,
+        "config": spec.config,
+        "generation_config": spec.generation_config,
         "code_sha256": hashlib.sha256(code).hexdigest() if code is not None else None,
-        "manifest": [[n, d, list(s)] for n, d, s in spec["manifest"]],
-        "aliases": [list(pair) for pair in spec.get("aliases", [])],
+        "manifest": [[e.name, e.dtype, list(e.shape)] for e in spec.manifest],
+        "aliases": [list(pair) for pair in spec.aliases],
     }
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
@@ -90,7 +91,7 @@ def header(spec: Mapping[str, Any]) -> bytes:
 class Hasher:
     """Incremental fingerprint: feed the header once, then each weight in order."""
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         head = header(spec)
         self._hash = hashlib.sha256(FORMAT + len(head).to_bytes(8, "big") + head)
 
@@ -101,8 +102,8 @@ class Hasher:
         return self._hash.hexdigest()
 
 
-def fingerprint(spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+def fingerprint(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> str:
     hasher = Hasher(spec)
-    for name, _, _ in spec["manifest"]:
-        hasher.update(tensors[name])
+    for entry in spec.manifest:
+        hasher.update(tensors[entry.name])
     return hasher.hexdigest()

@@ -1,148 +1,156 @@
-"""Token-by-token generation, shared by the server (full policy) and the client (the others).
+"""transformers' `generate` arguments, as they cross the wire, checked the same on both ends.
 
-It follows `transformers`' `generate` for the options it supports, so greedy
-output is token-for-token what `model.generate(..., do_sample=False)` gives:
-finished rows are padded with `pad_token_id`, and generation stops once
-every row has produced an end-of-sequence token.
+The client sends what the caller passed: GenerationConfig fields, and
+transformers' built-in LogitsProcessors and StoppingCriteria as their class
+name and constructor arguments. The server rebuilds them from these
+allowlists only, so no client object and no callable ever reaches it: a
+field or class outside them is refused with a message that says what to
+do instead. Streamers stay on the client; the server streams the tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+import inspect
+from collections.abc import Mapping
+from typing import Any, Final
 
 import torch
 
+from djinn import messages
 from djinn.errors import UsageError
 
+# GenerationConfig fields that are plain data for a decoder-only model. Left
+# out: what needs a tokenizer (stop_strings, token_healing), a second model
+# (assistants, guidance_scale), code from a hub (custom_generate, dola) or the
+# server's own compile and cache machinery.
+CONFIG_FIELDS: Final = frozenset(
+    """
+    max_new_tokens max_length min_length min_new_tokens early_stopping max_time
+    do_sample num_beams temperature top_k top_p min_p top_h typical_p epsilon_cutoff
+    eta_cutoff repetition_penalty length_penalty no_repeat_ngram_size bad_words_ids
+    suppress_tokens begin_suppress_tokens forced_bos_token_id forced_eos_token_id
+    remove_invalid_values exponential_decay_length_penalty sequence_bias
+    renormalize_logits num_return_sequences output_scores output_logits
+    return_dict_in_generate output_hidden_states output_attentions pad_token_id
+    bos_token_id eos_token_id use_cache low_memory prefill_chunk_size
+    """.split()
+)
 
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if type(self.max_new_tokens) is not int or self.max_new_tokens < 0:
-            raise UsageError(
-                f"cannot generate: max_new_tokens must be a non-negative int, "
-                f"got {self.max_new_tokens!r}"
-            )
-        if self.do_sample and not self.temperature > 0:
-            raise UsageError(f"cannot sample: temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"cannot sample: top_k must be >= 1, got {self.top_k}")
-        if self.pad_token_id is not None and type(self.pad_token_id) is not int:
-            raise UsageError(
-                f"cannot generate: pad_token_id must be an int, got {self.pad_token_id!r}"
-            )
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"cannot sample: top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def pad(self) -> int:
-        """The token finished rows get: pad_token_id, else the first eos id, else 0."""
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        return self.eos_token_id[0] if self.eos_token_id else 0
-
-    def check_pad(self, vocab: int) -> None:
-        """Raise UsageError if finished rows would be fed a token outside [0, vocab)."""
-        if self.eos_token_id and not 0 <= self.pad < vocab:
-            raise UsageError(
-                f"cannot generate: finished rows would be fed pad token {self.pad}, outside "
-                f"the vocabulary [0, {vocab}); pass a pad_token_id inside it"
-            )
-
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_wire(cls, fields: object) -> GenerationParams:
-        """Rebuild from a received dict; UsageError for anything malformed."""
-        if not isinstance(fields, dict) or set(fields) - set(cls.__dataclass_fields__):
-            raise UsageError("cannot generate: malformed generation parameters")
-        try:
-            params = cls(**fields)
-        except TypeError as exc:
-            raise UsageError(f"cannot generate: {exc}") from None
-        if not isinstance(params.eos_token_id, tuple) or not all(
-            type(t) is int for t in params.eos_token_id
-        ):
-            raise UsageError("cannot generate: eos_token_id must be a tuple of ints")
-        return params
+PROCESSORS: Final = frozenset(
+    """
+    MinLengthLogitsProcessor MinNewTokensLengthLogitsProcessor TemperatureLogitsWarper
+    RepetitionPenaltyLogitsProcessor TopPLogitsWarper TopKLogitsWarper MinPLogitsWarper
+    TypicalLogitsWarper EpsilonLogitsWarper EtaLogitsWarper NoRepeatNGramLogitsProcessor
+    SequenceBiasLogitsProcessor NoBadWordsLogitsProcessor ForcedBOSTokenLogitsProcessor
+    ForcedEOSTokenLogitsProcessor InfNanRemoveLogitsProcessor
+    SuppressTokensAtBeginLogitsProcessor SuppressTokensLogitsProcessor
+    """.split()
+)
+CRITERIA: Final = frozenset({"MaxLengthCriteria", "MaxTimeCriteria", "EosTokenCriteria"})
+# Constructor parameters that are rebuilt on the server, not sent.
+_LOCAL_PARAMS: Final = frozenset({"self", "device", "args", "kwargs"})
+# Parameters a class keeps under another attribute name.
+_STORED_AS: Final = {("NoBadWordsLogitsProcessor", "bad_words_ids"): "bad_word_ids"}
 
 
-def eos_ids(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
-    if value is None:
-        return ()
+def config_fields(fields: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The GenerationConfig fields to send; UsageError names any the server will not take."""
+    unknown = sorted(set(fields) - CONFIG_FIELDS)
+    if unknown:
+        raise UsageError(
+            f"cannot generate with {what} {', '.join(unknown)}: a RemoteModel takes the "
+            f"GenerationConfig fields {', '.join(sorted(CONFIG_FIELDS))}"
+        )
+    return {k: _plain(v) for k, v in fields.items()}
+
+
+def component(obj: Any, kind: str) -> messages.Component:
+    """A LogitsProcessor or StoppingCriteria as data, if it is one of transformers' own
+    allowlisted classes whose arguments can all be read back from the object."""
+    allowed = PROCESSORS if kind == "logits_processor" else CRITERIA
+    name = type(obj).__name__
+    module = type(obj).__module__
+    if name not in allowed or not module.startswith("transformers."):
+        raise UsageError(
+            f"cannot send {kind} {name}: a RemoteModel runs on the server only transformers' "
+            f"built-in {', '.join(sorted(allowed))}; for other logic, iterate "
+            "rm.stream(...) and stop or steer from your loop"
+        )
+    kwargs: dict[str, Any] = {}
+    for param in inspect.signature(type(obj).__init__).parameters.values():
+        if param.name in _LOCAL_PARAMS:
+            continue
+        stored = _STORED_AS.get((name, param.name), param.name)
+        if hasattr(obj, stored):
+            kwargs[param.name] = _plain(getattr(obj, stored))
+        elif param.default is inspect.Parameter.empty:
+            raise UsageError(f"cannot send {kind} {name}: its {param.name} cannot be read back")
+    return messages.Component(name, kwargs)
+
+
+def _plain(value: Any) -> Any:
+    """Tensors as lists, tuple-keyed dicts (sequence_bias) as [key, value] pairs."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict) and any(isinstance(k, tuple) for k in value):
+        return [[list(k), v] for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# Fields (of a GenerationConfig or a component) that hold token ids: each is an index into
+# the scores, so one outside the vocabulary is a device-side assert on CUDA.
+_TOKEN_FIELDS: Final = (
+    "pad_token_id bos_token_id eos_token_id forced_bos_token_id forced_eos_token_id "
+    "suppress_tokens begin_suppress_tokens bad_words_ids sequence_bias"
+).split()
+
+
+def check_token_ids(fields: Mapping[str, Any], vocab: int, what: str = "generate") -> None:
+    """UsageError when any token id among `fields` lies outside [0, vocab)."""
+    for name in _TOKEN_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        for token in _ids(value):
+            if not 0 <= token < vocab:
+                raise UsageError(
+                    f"cannot {what}: {name} holds token {token}, outside the vocabulary "
+                    f"[0, {vocab}); pass ids inside it"
+                )
+
+
+def _ids(value: Any) -> list[int]:
+    """Every int in a token-id field: an int, lists of them, or sequence_bias pairs."""
+    if isinstance(value, bool):
+        return []
     if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+        return [value]
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, dict):
+        return [t for key in value for t in _ids(list(key) if isinstance(key, tuple) else key)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value if not isinstance(item, float) for t in _ids(item)]
+    return []
 
 
-def warp(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, as transformers applies them. logits: [B, V]."""
-    scores = logits.float()
-    if params.temperature != 1.0:
-        scores = scores / params.temperature
-    if params.top_k is not None:
-        k = min(params.top_k, scores.shape[-1])
-        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=False, dim=-1)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - params.top_p)
-        drop[..., -1:] = False  # keep at least the most likely token
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return scores
+def build_component(spec: messages.Component, kind: str) -> Any:
+    """The server's side of `component`: an allowlisted class, built from plain data."""
+    from transformers.generation import logits_process, stopping_criteria
 
-
-def next_tokens(
-    logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """The next token of each row from its last-position logits [B, V] -> [B]."""
-    if not params.do_sample:
-        return logits.argmax(dim=-1)
-    probs = warp(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
-# step(input_ids [B, S], cache, attention_mask) -> (last-position logits [B, V], cache)
-Step = Callable[[torch.Tensor, Any, torch.Tensor | None], tuple[torch.Tensor, Any]]
-
-
-def generate(
-    step: Step,
-    input_ids: torch.Tensor,
-    params: GenerationParams,
-    attention_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Prompt plus up to max_new_tokens new tokens per row, [B, S + n]."""
-    if params.do_sample and generator is None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(params.seed)
-    eos = torch.tensor(params.eos_token_id, device=input_ids.device, dtype=input_ids.dtype)
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    pieces = [input_ids]
-    ids, cache, mask = input_ids, None, attention_mask
-    for _ in range(params.max_new_tokens):
-        logits, cache = step(ids, cache, mask)
-        token = next_tokens(logits, params, generator)
-        if eos.numel():
-            token = torch.where(unfinished, token, torch.full_like(token, params.pad))
-            unfinished &= ~torch.isin(token, eos)
-        ids = token[:, None]
-        pieces.append(ids)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        if eos.numel() and not bool(unfinished.any()):
-            break
-    return torch.cat(pieces, dim=-1)
+    allowed, module = (
+        (PROCESSORS, logits_process) if kind == "processor" else (CRITERIA, stopping_criteria)
+    )
+    if spec.name not in allowed:
+        raise UsageError(f"cannot build {spec.name}: it is not an allowed {kind}")
+    cls = getattr(module, spec.name)
+    params = inspect.signature(cls.__init__).parameters
+    unknown = set(spec.kwargs) - set(params)
+    if unknown:
+        raise UsageError(f"cannot build {spec.name}: unknown arguments {sorted(unknown)}")
+    try:
+        return cls(**spec.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot build {spec.name}: {exc}") from None

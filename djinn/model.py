@@ -1,43 +1,65 @@
 """RemoteModel: a model that runs on a djinn server and is called like the local one.
 
-Every call asks the session's policy, value by value, whether bytes or a
-reference should cross the wire, and records the answer. Under the default
-`full` policy a decode step sends a token and gets back references: the
-KV cache never leaves the server and the logits stay there until read.
+Every call is described to the planner (djinn.semantics), which places each
+value as data or reference and records why; this module carries the plan
+out. Under the default `full` policy a decode step sends a token and gets
+back references: the KV cache never leaves the server and the logits stay
+there until read. `generate` runs transformers' own generate on the server
+(djinn.remote_generate builds its arguments).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import inspect
+import logging
+from collections.abc import Iterator
 from typing import Any, Final
 
 import torch
 
+from djinn import messages
 from djinn.client import DEFAULT_TIMEOUT, Client, connect
 from djinn.errors import UsageError
-from djinn.generation import GenerationParams, eos_ids, generate
-from djinn.kvcache import Layers, cache_from_layers, cache_layers, cache_length
-from djinn.net.payload import Ref
-from djinn.net.rpc import Meter
-from djinn.registration import describe, register
+from djinn.kvcache import cache_from_layers, cache_layers, cache_length
+from djinn.modelfacts import ModelFacts, check_labels, check_mask, check_positions
+from djinn.net.codec import Ref, wire_value
+from djinn.net.core import Meter
+from djinn.registration import describe, register, transformers_class, weights_version
+from djinn.remote_generate import GenerateCall
 from djinn.semantics import (
-    SMALL_VALUE_BYTES,
-    Decision,
+    Call,
     DecisionRecord,
     Lifecycle,
+    Plan,
     Policy,
+    Side,
     Value,
     detect_phase,
     get_policy,
+    plan,
 )
 from djinn.session import RemoteSession
-from djinn.tensor import RemoteCache, RemoteTensor
+from djinn.tensor import RemoteCache, RemoteTensor, remote_tree
 from djinn.tree import map_tree
 
-_D, _R = Decision.DATA, Decision.REFERENCE
-# A plain module's outputs that may stay on the server per call; more come back as data.
-_MODULE_OUTPUT_REFS: Final = 16
+log = logging.getLogger("djinn")
 
+# Forward arguments a RemoteModel takes, as a transformers causal LM names them.
+FORWARD_ARGS: Final = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "past_key_values",
+    "cache",
+    "inputs_embeds",
+    "labels",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "logits_to_keep",
+)
 # nn.Module methods that would act on a local copy that does not exist.
 _LOCAL_ONLY: Final = {
     "parameters": "its weights live on the server; use the model you wrapped",
@@ -45,68 +67,23 @@ _LOCAL_ONLY: Final = {
     "buffers": "its buffers live on the server; use the model you wrapped",
     "state_dict": "its weights live on the server; use the model you wrapped",
     "load_state_dict": "load the weights into the local model and wrap it again",
-    "to": "the server decides placement: start it with --device/--dtype",
-    "cuda": "the server decides placement: start it with --device",
-    "cpu": "the server decides placement: start it with --device",
-    "half": "start the server with --dtype float16",
-    "bfloat16": "start the server with --dtype bfloat16",
-    "float": "start the server with --dtype float32",
     "train": "a RemoteModel runs inference only",
     "requires_grad_": "a RemoteModel runs inference only",
     "zero_grad": "a RemoteModel runs inference only",
+    "backward": "a RemoteModel runs inference only",
 }
-
-
-@dataclass
-class RemoteOutput:
-    """What a call returns: `logits`, and the cache as `past_key_values` (alias `cache`)."""
-
-    logits: torch.Tensor | RemoteTensor | None
-    past_key_values: Any = None
-
-    @property
-    def cache(self) -> Any:
-        return self.past_key_values
-
-
-@dataclass(frozen=True)
-class _Facts:
-    """What the client knows of the model without asking: enough to plan a call."""
-
-    vocab_size: int
-    logits_dtype: torch.dtype
-    max_positions: int | None
-    eos_token_id: tuple[int, ...]
-    pad_token_id: int | None
-
-    @classmethod
-    def of(cls, model: torch.nn.Module, server_dtype: str) -> _Facts:
-        output_embeddings = getattr(model, "get_output_embeddings", None)
-        head = output_embeddings() if callable(output_embeddings) else None
-        vocab = getattr(head, "out_features", None) or getattr(
-            getattr(model, "config", None), "vocab_size", 0
-        )
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        if server_dtype != "auto":
-            dtype = getattr(torch, server_dtype)
-        generation = getattr(model, "generation_config", None)
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        return cls(
-            vocab_size=int(vocab or 0),
-            logits_dtype=dtype,
-            max_positions=positions if isinstance(positions, int) else None,
-            eos_token_id=eos_ids(getattr(generation, "eos_token_id", None)),
-            pad_token_id=getattr(generation, "pad_token_id", None),
-        )
+# Placement methods: the server decides placement, so these leave the model as it is.
+_PLACEMENT: Final = ("to", "cuda", "cpu", "half", "float", "bfloat16", "double")
 
 
 class RemoteModel:
-    """A model held by a djinn server, called like the local model.
+    """A model held by a djinn server, called like the local one.
 
         rm = RemoteModel(model, server="127.0.0.1:5556", policy="full")
         out = rm(input_ids)                      # out.logits, out.past_key_values
         out = rm(next_ids, past_key_values=out.past_key_values)
         ids = rm.generate(input_ids, max_new_tokens=50)
+        for tokens in rm.stream(input_ids, max_new_tokens=50): ...
         rm.stats(); rm.close()
 
     `server` is an address or a connected `Client` (shared, left open on
@@ -131,288 +108,378 @@ class RemoteModel:
         else:
             self._client, self._owns_client = connect(server, token=token, timeout=timeout), True
         self._meter = Meter()
+        self._local: torch.nn.Module | None = model
+        self._lm = transformers_class(model) is not None and hasattr(model, "get_output_embeddings")
+        self.config: Any = getattr(model, "config", None)
+        generation = getattr(model, "generation_config", None)
+        self.generation_config: Any = copy.deepcopy(generation)
+        self._registered_generation = copy.deepcopy(generation)
+        self._facts = ModelFacts.of(self.config)
+        self._signature = inspect.signature(type(model).forward)
+        self.name_or_path: str = getattr(model, "name_or_path", "") or ""
         try:
-            spec, tensors = describe(model)
-            uploaded = register(self._client, spec, tensors, self._meter)
-            self._session = RemoteSession(
-                self._client, spec["fingerprint"], self._meter, self.policy
-            )
+            self._session = self._attach(model)
         except BaseException:
             if self._owns_client:
                 self._client.close()
             raise
-        self.fingerprint: str = spec["fingerprint"]
-        self._is_lm = spec["kind"] == "transformers" and hasattr(model, "get_output_embeddings")
-        self._facts = _Facts.of(model, str(self._client.server_info.get("dtype", "auto")))
-        weight_bytes = sum(t.nbytes for t in tensors.values())
-        self._record("register", "weights", Lifecycle.WEIGHT, _D if uploaded else _R, uploaded)
-        self.uploaded_bytes = uploaded
-        self.weight_bytes = weight_bytes
 
-    # -- calls ---------------------------------------------------------------------
+    def _attach(self, model: torch.nn.Module) -> RemoteSession:
+        spec, tensors = describe(model)
+        names = [entry.name for entry in spec.manifest]
+
+        def weights(start: int) -> Iterator[torch.Tensor]:
+            return (tensors[name] for name in names[start:])
+
+        sizes = [tensors[name].nbytes for name in names]
+        self._version = weights_version(model)
+        uploaded = register(self._client, spec, weights, sizes, self._meter)
+        session = RemoteSession(self._client, spec.fingerprint, self._meter, self.policy)
+        self.fingerprint: str = spec.fingerprint
+        self.uploaded_bytes = uploaded
+        self.weight_bytes = sum(sizes)
+        side = Side.SERVER if not uploaded else Side.CLIENT
+        weights_value = Value("weights", Lifecycle.WEIGHT, self.weight_bytes, side)
+        session.record(plan(Call("register", detect_phase(0), (weights_value,)), self.policy))
+        return session
+
+    def _check_weights(self) -> None:
+        """Weights edited in place after wrapping would be silently stale on the server:
+        register them again (a new fingerprint, a new session)."""
+        if self._local is None or weights_version(self._local) == self._version:
+            return
+        log.info(
+            "model %s: its local weights changed; registering them again", self.fingerprint[:12]
+        )
+        old = self._session
+        self._session = self._attach(self._local)
+        old.close()
+
+    # -- what the ecosystem reads ----------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs to this model are made: the client's CPU (the server moves them)."""
+        return torch.device("cpu")
+
+    @property
+    def server_device(self) -> torch.device:
+        """The server's device, where the weights and RemoteTensors live."""
+        return self._session.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights on the server."""
+        name = self._client.server_info.get("dtype", "auto")
+        if name != "auto":
+            return getattr(torch, name)  # type: ignore[no-any-return]
+        return getattr(self.config, "dtype", None) or torch.float32
+
+    main_input_name = "input_ids"
+
+    def can_generate(self) -> bool:
+        return self._lm
+
+    def get_input_embeddings(self) -> Any:
+        raise UsageError(
+            "cannot hand out the input embeddings of a RemoteModel: its weights live on the "
+            "server; pass input_ids, or inputs_embeds you computed locally"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _PLACEMENT:
+            return self._placement(name)
+        if name in _LOCAL_ONLY:
+            raise UsageError(f"cannot call {name}() on a RemoteModel: {_LOCAL_ONLY[name]}")
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def _placement(self, name: str) -> Any:
+        def keep(*args: Any, **kwargs: Any) -> RemoteModel:
+            log.debug("RemoteModel.%s(): the server decides placement; nothing to do", name)
+            return self
+
+        return keep
+
+    def eval(self) -> RemoteModel:
+        """A no-op: the server runs the model in eval mode already."""
+        return self
+
+    # -- the forward pass -------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """One forward pass, like the local model's.
+        """One forward pass, taking what the local model's forward takes.
 
-        A causal LM takes (input_ids, past_key_values=None, use_cache=True,
-        attention_mask=None, *, cache=None) and returns a RemoteOutput. A
-        plain module takes its own arguments and returns its own outputs,
-        large ones as RemoteTensors where the policy keeps outputs remote.
+        A causal LM returns transformers' CausalLMOutputWithPast: `logits`
+        (RemoteTensor or tensor, as the policy decides), the cache
+        (`past_key_values`/`cache`: a RemoteCache or a DynamicCache), `loss`
+        when given labels, and `hidden_states`/`attentions` when asked. A plain
+        module returns its own outputs, as RemoteTensors where the policy keeps them.
         """
-        if self._is_lm:
-            return self._lm_call(*args, **kwargs)
-        return self._module_call(args, kwargs)
-
-    def _lm_call(
-        self,
-        input_ids: Any = None,
-        past_key_values: Any = None,
-        use_cache: bool = True,
-        attention_mask: Any = None,
-        *,
-        cache: Any = None,
-        **kwargs: Any,
-    ) -> RemoteOutput:
-        if kwargs:
-            raise UsageError(
-                f"cannot pass {', '.join(sorted(kwargs))}: RemoteModel takes input_ids, "
-                "past_key_values (or cache), use_cache and attention_mask"
-            )
-        if cache is not None and past_key_values is not None:
-            raise UsageError("cannot take two caches: pass past_key_values or cache, not both")
-        return self._forward(
-            input_ids, cache if cache is not None else past_key_values, use_cache, attention_mask
-        )
-
-    def _module_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        def to_wire(value: Any) -> Any:
-            if isinstance(value, RemoteTensor):
-                value._check_session(self._session, "an argument")
-                return value.ref
-            return value
-
-        keep = self._decide("output", Lifecycle.OUTPUT, SMALL_VALUE_BYTES + 1, detect_phase(0))
-        keep_over = SMALL_VALUE_BYTES if keep is _R else 2**63 - 1
-        ref_ids = [self._session.new_ref().id for _ in range(_MODULE_OUTPUT_REFS)]
-        out, kept = self._session.call(
-            "call", map_tree(args, to_wire), map_tree(kwargs, to_wire), keep_over, ref_ids
-        )
-
-        def from_wire(value: Any) -> Any:
-            if isinstance(value, Ref):
-                shape, dtype = kept[value.id]
-                self._record("call", "output", Lifecycle.OUTPUT, _R, 0)
-                return RemoteTensor(self._session, value, shape, dtype)
-            if isinstance(value, torch.Tensor):
-                self._record("call", "output", Lifecycle.OUTPUT, _D, value.nbytes)
-            return value
-
-        self._session.flush()
-        return map_tree(out, from_wire)
+        if not self._lm:
+            return self._module_call(args, kwargs)
+        self._check_weights()
+        return self._forward(self._bind(args, kwargs))
 
     forward = __call__
 
-    def _forward(
-        self, input_ids: Any, cache: Any, use_cache: bool, attention_mask: Any
-    ) -> RemoteOutput:
-        ids = self._input(input_ids, "input_ids")
-        mask = None if attention_mask is None else self._input(attention_mask, "attention_mask")
-        if isinstance(cache, RemoteCache):
-            cache._check_session(self._session, "a KV cache")
-        batch, seq = ids.shape
-        phase = detect_phase(cache_length(cache))
-        row = batch * self._facts.vocab_size * self._facts.logits_dtype.itemsize
-        last = self._decide("logits[:, -1]", Lifecycle.OUTPUT, row, phase)
-        rest = (
-            self._decide("logits[:, :-1]", Lifecycle.ACTIVATION, row * (seq - 1), phase)
-            if seq > 1
-            else _D
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            bound = self._signature.bind(None, *args, **kwargs).arguments
+        except TypeError as exc:
+            raise UsageError(f"cannot run the model: {exc}") from None
+        bound.pop("self", None)
+        extra = bound.pop("kwargs", {}) or {}
+        bound.update(extra)
+        unsupported = sorted(
+            name for name, value in bound.items() if name not in FORWARD_ARGS and value is not None
         )
-        logits_mode = "ref" if last is _R else ("all" if rest is _D else "last")
-        kept = self._decide("past_key_values", Lifecycle.SESSION_STATE, 0, phase)
-        cache_mode = "none" if not use_cache else ("ref" if kept is _R else "data")
-
-        logits_ref = self._session.new_ref()
-        held = isinstance(cache, RemoteCache)  # on the server already
-        cache_ref = cache.ref if held else self._session.new_ref()
-        sent_layers = None if held or cache is None else cache_layers(cache)
-        cache_wire = cache.ref if held else sent_layers
-        ids_wire = ids.ref if isinstance(ids, RemoteTensor) else ids
-        mask_wire = mask.ref if isinstance(mask, RemoteTensor) else mask
-        self._record_input("forward", "input_ids", ids)
-        if cache is not None:
-            sent = _nbytes(sent_layers)
-            decision = _R if held else _D
-            self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, decision, sent)
-        if logits_mode == "ref" and cache_mode != "data":
-            # Nothing comes back: queue it with the work that will read its results.
-            self._check_ids(ids, cache_length(cache))
-            self._session.enqueue(
-                (
-                    "forward",
-                    ids_wire,
-                    cache_wire,
-                    mask_wire,
-                    logits_ref.id,
-                    cache_ref.id,
-                    use_cache,
-                ),
-                "forward",
-            )
-            logits: Any = (
-                (batch, seq, self._facts.vocab_size),
-                self._facts.logits_dtype,
-            )
-            layers, length = None, cache_length(cache) + seq
-        else:
-            logits, layers, length = self._session.call(
-                "forward",
-                ids_wire,
-                cache_wire,
-                mask_wire,
-                (logits_mode, logits_ref.id, cache_mode, cache_ref.id),
-            )
-        if logits_mode == "ref":
-            shape, dtype = logits
-            logits = RemoteTensor(self._session, logits_ref, shape, dtype)
-            self._record("forward", "logits", Lifecycle.OUTPUT, _R, 0)
-        else:
-            self._record("forward", "logits", Lifecycle.OUTPUT, _D, logits.nbytes)
-        out_cache: Any = None
-        if cache_mode == "ref":
-            if isinstance(cache, RemoteCache):
-                cache._update(length)
-                out_cache = cache
-            else:
-                out_cache = RemoteCache(self._session, cache_ref, length)
-            self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, _R, 0)
-        elif cache_mode == "data":
-            out_cache = None if layers is None else cache_from_layers(layers)
-            self._record("forward", "past_key_values", Lifecycle.SESSION_STATE, _D, _nbytes(layers))
-        self._session.flush()
-        return RemoteOutput(logits, out_cache)
-
-    def _check_ids(self, ids: torch.Tensor | RemoteTensor, cached: int) -> None:
-        """The server's checks, made here for a call that is only queued, so a bad
-        input still fails at the line that passed it."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-                raise UsageError(
-                    f"cannot run the model: input_ids must be integers, got {ids.dtype}"
-                )
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._facts.vocab_size):
-                raise UsageError(
-                    f"cannot run the model: input_ids holds a token outside the vocabulary "
-                    f"[0, {self._facts.vocab_size})"
-                )
-        limit = self._facts.max_positions
-        if limit is not None and cached + ids.shape[1] > limit:
+        if unsupported:
             raise UsageError(
-                f"cannot run the model: {cached} cached + {ids.shape[1]} new tokens exceed "
-                f"its {limit} positions"
+                f"cannot pass {', '.join(unsupported)} to a RemoteModel: it takes "
+                f"{', '.join(FORWARD_ARGS)}"
             )
-
-    def generate(
-        self,
-        input_ids: Any,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        attention_mask: Any = None,
-        seed: int = 0,
-    ) -> torch.Tensor:
-        """Prompt plus new tokens, [batch, prompt + new], as model.generate returns them.
-
-        Greedy (do_sample=False) gives exactly the local model's tokens. Where
-        the policy keeps outputs on the server (full), the whole loop runs
-        there and one call returns the new tokens; otherwise the client drives
-        it, step by step, with what the policy ships. Sampling is seeded by `seed`.
-        """
-        if not self._is_lm:
-            raise UsageError("cannot generate: this RemoteModel wraps a plain nn.Module")
-        params = GenerationParams(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_ids(eos_token_id)
-            if eos_token_id is not None
-            else self._facts.eos_token_id,
-            pad_token_id=pad_token_id if pad_token_id is not None else self._facts.pad_token_id,
-            seed=seed,
-        )
-        params.check_pad(self._facts.vocab_size)
-        ids = self._input(input_ids, "input_ids")
-        if isinstance(ids, RemoteTensor):
-            ids = ids.cpu()
-        mask = None if attention_mask is None else self._input(attention_mask, "attention_mask")
-        if isinstance(mask, RemoteTensor):
-            mask = mask.cpu()
-        row = ids.shape[0] * self._facts.vocab_size * self._facts.logits_dtype.itemsize
-        if self._decide("logits[:, -1]", Lifecycle.OUTPUT, row, detect_phase(0)) is _R:
-            new = self._session.call("generate", ids, mask, params.to_wire())
-            self._record_input("generate", "input_ids", ids)
-            self._record("generate", "past_key_values", Lifecycle.SESSION_STATE, _R, 0)
-            self._record("generate", "logits", Lifecycle.ACTIVATION, _R, 0)
-            self._record("generate", "tokens", Lifecycle.OUTPUT, _D, new.nbytes)
-            return torch.cat([ids, new.to(ids.dtype)], dim=-1)
-
-        def step(
-            tokens: torch.Tensor, cache: Any, m: torch.Tensor | None
-        ) -> tuple[torch.Tensor, Any]:
-            out = self._forward(tokens, cache, True, m)
-            assert isinstance(out.logits, torch.Tensor)
-            return out.logits[:, -1, :], out.past_key_values
-
-        return generate(step, ids, params, mask)
-
-    # -- inputs, decisions ------------------------------------------------------------
+        if bound.get("cache") is not None and bound.get("past_key_values") is not None:
+            raise UsageError("cannot take two caches: pass past_key_values or cache, not both")
+        return bound
 
     def _input(self, value: Any, name: str) -> torch.Tensor | RemoteTensor:
         if isinstance(value, RemoteTensor):
             value._check_session(self._session, name)
-            tensor: Any = value
-        elif isinstance(value, torch.Tensor):
-            tensor = value.detach()
-        elif isinstance(value, (list, tuple)):
-            tensor = torch.tensor(value)
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu()
+        if isinstance(value, (list, tuple)):
+            return torch.tensor(value)
+        raise UsageError(f"cannot use {name} of type {type(value).__name__}: pass a tensor")
+
+    def _forward(self, bound: dict[str, Any]) -> Any:
+        cache = bound.get("past_key_values") or bound.get("cache")
+        if isinstance(cache, RemoteCache):
+            cache._check_session(self._session, "a KV cache")
+        cached = cache_length(cache)
+        inputs = {
+            name: self._input(bound[name], name)
+            for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels")
+            if bound.get(name) is not None
+        }
+        rows, new = self._check_inputs(inputs, cached)
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(self.config, "use_cache", True))
+        keep = bound.get("logits_to_keep") or 0
+        if not isinstance(keep, int):
+            raise UsageError("cannot run the model: logits_to_keep must be an int")
+        hidden = bool(bound.get("output_hidden_states"))
+        attentions = bool(bound.get("output_attentions"))
+        item = self.dtype.itemsize
+        kept = new if keep == 0 else min(keep, new)
+        logits_bytes = rows * kept * self._facts.vocab_size * item
+        phase = detect_phase(cached)
+        self._session.phase = phase
+        decided = plan(
+            Call(
+                "forward",
+                phase,
+                inputs=tuple(_input_value(n, t) for n, t in inputs.items())
+                + ((_cache_value(cache),) if cache is not None else ()),
+                outputs=(
+                    Value("logits", Lifecycle.ACTIVATION, logits_bytes),
+                    Value("logits[:, -1]", Lifecycle.OUTPUT, rows * self._facts.vocab_size * item),
+                )
+                + ((Value("past_key_values", Lifecycle.SESSION_STATE, 0),) if use_cache else ())
+                + ((Value("loss", Lifecycle.OUTPUT, 4, read=True),) if "labels" in inputs else ()),
+            ),
+            self.policy,
+        )
+        return self._run_forward(
+            bound,
+            inputs,
+            cache,
+            use_cache,
+            keep,
+            hidden,
+            attentions,
+            decided,
+            (rows, kept, cached + new),
+        )
+
+    def _check_inputs(self, inputs: dict[str, Any], cached: int) -> tuple[int, int]:
+        """The server's checks, made here too: a bad input fails at the line that passed it,
+        even when the call is only queued."""
+        facts = self._facts
+        ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+        if (ids is None) == (embeds is None):
+            raise UsageError("cannot run the model: pass input_ids or inputs_embeds (one)")
+        source = ids if ids is not None else embeds
+        assert source is not None
+        if ids is not None:  # a RemoteTensor's values are checked on the server
+            local = ids if isinstance(ids, torch.Tensor) else _meta(ids)
+            facts.check_ids(local)
+        elif source.dim() != 3:
+            raise UsageError("cannot run the model: inputs_embeds must be [batch, seq, hidden]")
+        rows, new = int(source.shape[0]), int(source.shape[1])
+        facts.check_length(cached, new)
+        value = inputs.get("attention_mask")
+        if isinstance(value, torch.Tensor):
+            check_mask(value, rows, cached + new)
+        value = inputs.get("position_ids")
+        if isinstance(value, torch.Tensor):
+            check_positions(value, rows, new, facts.max_positions)
+        value = inputs.get("labels")
+        if isinstance(value, torch.Tensor):
+            check_labels(value, (rows, new), facts.vocab_size)
+        return rows, new
+
+    def _run_forward(
+        self,
+        bound: dict[str, Any],
+        inputs: dict[str, Any],
+        cache: Any,
+        use_cache: bool,
+        keep: int,
+        hidden: bool,
+        attentions: bool,
+        decided: Plan,
+        shape: tuple[int, int, int],
+    ) -> Any:
+        session = self._session
+        rows, kept, length = shape
+        logits_ref = session.new_ref()
+        cache_ref = cache.ref if isinstance(cache, RemoteCache) else session.new_ref()
+        loss_ref = session.new_ref() if "labels" in inputs else None
+        op = messages.ForwardOp(
+            **{n: (t.ref if isinstance(t, RemoteTensor) else t) for n, t in inputs.items()},
+            cache=_cache_wire(cache),
+            use_cache=use_cache,
+            logits_to_keep=keep,
+            out_logits=logits_ref.id,
+            out_cache=cache_ref.id if use_cache else 0,
+            out_loss=loss_ref.id if loss_ref is not None else 0,
+            output_hidden_states=hidden,
+            output_attentions=attentions,
+        )
+        index = session.enqueue(op, "forward", room=2)  # the forward and its tail go together
+        session.record(decided)
+        fetch: list[messages.Fetch] = []
+        logits: RemoteTensor | None = None
+        tail: Ref | None = None
+        if decided.data("logits"):
+            fetch.append(messages.Fetch(logits_ref.id))
         else:
-            raise UsageError(f"cannot use {name} of type {type(value).__name__}: pass a tensor")
-        if tensor.dim() != 2:
-            raise UsageError(
-                f"cannot use {name} of shape {list(tensor.shape)}: expected [batch, seq]"
-            )
-        return tensor  # type: ignore[no-any-return]
-
-    def _decide(self, name: str, lifecycle: Lifecycle, nbytes: int, phase: Any) -> Decision:
-        return self.policy.decide(Value(name, lifecycle, nbytes, phase, on_server=True))
-
-    def _record(
-        self, op: str, value: str, lifecycle: Lifecycle, decision: Decision, nbytes: int
-    ) -> None:
-        self._session.record(DecisionRecord(op, value, lifecycle, decision, nbytes))
-
-    def _record_input(self, op: str, name: str, value: torch.Tensor | RemoteTensor) -> None:
-        if isinstance(value, RemoteTensor):
-            self._record(op, name, Lifecycle.ACTIVATION, _R, 0)
+            vocab = self._facts.vocab_size
+            logits = RemoteTensor(session, logits_ref, (rows, kept, vocab), self.dtype, "logits")
+            if decided.data("logits[:, -1]"):  # the last row alone, fetched with this call
+                tail = session.new_ref()
+                last = wire_value((logits_ref, (slice(None), slice(-1, None))))
+                session.enqueue(
+                    messages.TensorOp("Tensor.__getitem__", last, {}, [tail.id]), "forward"
+                )
+                fetch.append(messages.Fetch(tail.id))
+        cache_data = use_cache and decided.data("past_key_values")
+        if cache_data:
+            fetch.append(messages.Fetch(cache_ref.id, "cache"))
+        if loss_ref is not None:
+            fetch.append(messages.Fetch(loss_ref.id))
+        ran = session.run(fetch) if fetch or hidden or attentions else None
+        values = ran.values if ran is not None else {}
+        out: dict[str, Any] = {}
+        if loss_ref is not None:
+            out["loss"] = values[loss_ref.id]
+            session.release(loss_ref)
+        if logits is None:
+            out["logits"] = values[logits_ref.id]
+            session.release(logits_ref)
         else:
-            self._record(op, name, Lifecycle.ACTIVATION, _D, value.nbytes)
+            if tail is not None:
+                logits._tail = values[tail.id]
+                session.release(tail)
+            out["logits"] = logits
+        if use_cache:
+            out[_cache_field()] = self._cache_out(cache, cache_ref, values, cache_data, length)
+        if ran is not None and index in ran.described:
+            out.update(self._states(ran.described[index]))
+        session.flush()
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        result = CausalLMOutputWithPast(**out)
+        return result if bound.get("return_dict", True) is not False else result.to_tuple()
+
+    def _cache_out(
+        self, cache: Any, ref: Ref, values: dict[int, Any], data: bool, length: int
+    ) -> Any:
+        if data:
+            self._session.release(ref)
+            return cache_from_layers(values[ref.id], self.config)
+        if isinstance(cache, RemoteCache):
+            cache._update(length)
+            return cache
+        return RemoteCache(self._session, ref, length)
+
+    def _states(self, described: messages.Described) -> dict[str, Any]:
+        """Hidden states and attentions: RemoteTensors, or data where the policy says."""
+        states = remote_tree(self._session, described, "states")
+        outputs = tuple(Value(n, Lifecycle.OUTPUT, 0) for n in ("hidden_states", "attentions"))
+        decided = plan(Call("forward", self._session.phase, outputs=outputs), self.policy)
+        self._session.record(decided)
+        if decided.data("hidden_states"):
+            states = map_tree(states, lambda v: v.cpu() if isinstance(v, RemoteTensor) else v)
+        return {k: v for k, v in states.items() if v is not None}
+
+    def _module_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        session = self._session
+
+        def to_wire(value: Any) -> Any:
+            if isinstance(value, RemoteTensor):
+                value._check_session(session, "an argument")
+                return value.ref
+            return value
+
+        wire_args, wire_kwargs = map_tree((args, kwargs), to_wire)
+        index = session.enqueue(
+            messages.CallOp(wire_value(wire_args), wire_value(wire_kwargs)), "call"
+        )
+        described = session.run().described[index]
+        result = remote_tree(session, described, "output")
+        outputs = tuple(Value("output", Lifecycle.OUTPUT, 0) for _ in described.metas)
+        decided = plan(Call("call", session.phase, outputs=outputs), self.policy)
+        session.record(decided)
+        if outputs and decided.data("output"):
+            result = map_tree(result, lambda v: v.cpu() if isinstance(v, RemoteTensor) else v)
+        session.flush()
+        return result
+
+    # -- generation -------------------------------------------------------------------
+
+    def generate(self, inputs: Any = None, **kwargs: Any) -> Any:
+        """transformers' generate, run on the server: takes what `model.generate` takes and
+        returns what it returns. Greedy and beam search give the local model's tokens;
+        sampling draws its seed from the caller's torch RNG (so `torch.manual_seed`
+        repeats a sample). Streamers get tokens as they are made. A timeout or Ctrl-C
+        cancels the generate on the server."""
+        if not self._lm:
+            raise UsageError("cannot generate: this RemoteModel wraps a plain nn.Module")
+        self._check_weights()
+        return GenerateCall(self, inputs, kwargs).run()
+
+    def stream(self, inputs: Any = None, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yields each step's new tokens, [batch, 1], as `generate` makes them; leaving the
+        loop early cancels the generate on the server."""
+        if not self._lm:
+            raise UsageError("cannot generate: this RemoteModel wraps a plain nn.Module")
+        self._check_weights()
+        return GenerateCall(self, inputs, kwargs).stream()
+
+    # -- bookkeeping ------------------------------------------------------------------
 
     def synchronize(self) -> None:
         """Run queued work now (as torch.cuda.synchronize does for a GPU): its errors
         surface here, and server memory reflects it."""
-        self._session.call("run")
-
-    # -- bookkeeping --------------------------------------------------------------------
+        self._session.run()
 
     @property
     def decisions(self) -> list[DecisionRecord]:
-        """The recent decisions, oldest first: (op, value, lifecycle, decision, bytes)."""
+        """The recent decisions, oldest first: op, value, lifecycle, decision, bytes,
+        phase and the reason."""
         return list(self._session.decisions)
 
     def stats(self) -> dict[str, Any]:
@@ -425,7 +492,16 @@ class RemoteModel:
             "weight_bytes": self.weight_bytes,
             "uploaded_bytes": self.uploaded_bytes,
             "by_lifecycle": self._session.decisions.by_lifecycle(),
+            "by_phase": self._session.decisions.by_phase(),
         }
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def session(self) -> RemoteSession:
+        return self._session
 
     def close(self) -> None:
         """Free this model's server-side state (and the connection, if it opened one)."""
@@ -439,15 +515,6 @@ class RemoteModel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def eval(self) -> RemoteModel:
-        """A no-op: the server runs the model in eval mode already."""
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _LOCAL_ONLY:
-            raise UsageError(f"cannot call {name}() on a RemoteModel: {_LOCAL_ONLY[name]}")
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
     def __repr__(self) -> str:
         return (
             f"RemoteModel({self.fingerprint[:12]}, server={self._client.address}, "
@@ -455,5 +522,35 @@ class RemoteModel:
         )
 
 
-def _nbytes(layers: Layers | None) -> int:
-    return sum(k.nbytes + v.nbytes for k, v in layers or [])
+def _meta(remote: RemoteTensor) -> torch.Tensor:
+    """A RemoteTensor's shape and dtype, to check with the checks for local tensors."""
+    return torch.empty(remote.shape, dtype=remote.dtype, device="meta")
+
+
+def _input_value(name: str, tensor: torch.Tensor | RemoteTensor) -> Value:
+    if isinstance(tensor, RemoteTensor):
+        return Value(name, Lifecycle.ACTIVATION, 0, Side.SERVER)
+    return Value(name, Lifecycle.ACTIVATION, tensor.nbytes, Side.CLIENT)
+
+
+def _cache_value(cache: Any) -> Value:
+    if isinstance(cache, RemoteCache):
+        return Value("past_key_values", Lifecycle.SESSION_STATE, 0, Side.SERVER)
+    nbytes = sum(k.nbytes + v.nbytes for k, v in cache_layers(cache))
+    return Value("past_key_values", Lifecycle.SESSION_STATE, nbytes, Side.CLIENT)
+
+
+def _cache_wire(cache: Any) -> Any:
+    if cache is None:
+        return None
+    if isinstance(cache, RemoteCache):
+        return cache.ref
+    return wire_value([(k.detach().cpu(), v.detach().cpu()) for k, v in cache_layers(cache)])
+
+
+def _cache_field() -> str:
+    """What this transformers version's outputs call the cache."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    return "cache" if "cache" in fields else "past_key_values"

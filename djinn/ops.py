@@ -18,6 +18,7 @@ _FUNCTIONS: Final = """
     abs add all amax amin any argmax argmin argsort bmm cat ceil chunk clamp clone
     cumsum cumprod div dot einsum eq exp expm1 flatten flip floor gather ge gt index_select
     isin isfinite isnan le log log1p log_softmax logsumexp lt masked_fill matmul max maximum
+    allclose isclose equal
     mean median min minimum mm mul multinomial narrow ne neg norm outer permute pow prod
     reshape round rsqrt sigmoid sign sin softmax sort split sqrt square squeeze stack std sub
     sum t tanh topk transpose tril triu unbind unsqueeze var where cos
@@ -35,7 +36,16 @@ _METHODS: Final = """
     tril triu type_as unbind unsqueeze var view view_as
 """.split()
 
-_FUNCTIONAL: Final = "gelu silu relu softmax log_softmax normalize layer_norm linear".split()
+_FUNCTIONAL: Final = """
+    gelu silu relu softmax log_softmax normalize layer_norm linear cross_entropy nll_loss
+""".split()
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor.to as a RemoteTensor may run it: a dtype only, never a device."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"Tensor.to on the server takes a dtype, got {type(dtype).__name__}")
+    return tensor.to(dtype)
 
 
 def _table() -> dict[str, Callable[..., Any]]:
@@ -46,11 +56,12 @@ def _table() -> dict[str, Callable[..., Any]]:
         table[f"Tensor.{name}"] = getattr(torch.Tensor, name)
     for name in _FUNCTIONAL:
         table[f"F.{name}"] = getattr(F, name)
+    table["Tensor.to"] = _cast
     return table
 
 
 OPS: Final = _table()
-_NAMES: Final = {fn: name for name, fn in OPS.items()}
+_NAMES: Final = {fn: name for name, fn in OPS.items()} | {torch.Tensor.to: "Tensor.to"}
 TENSOR_METHODS: Final = frozenset(_METHODS)
 
 

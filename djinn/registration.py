@@ -1,9 +1,10 @@
 """Registering a model with a server: describe it, fingerprint it, upload it only if needed.
 
-A transformers model is described by its class name and config, so the
-server rebuilds it from code it already has. Any other nn.Module travels as
-cloudpickle (weights left out, sent as tensors), which a server accepts only
-with --trust-remote-code.
+A transformers model is described by its class name, config and generation
+defaults, so the server rebuilds it from code it already has. Any other
+nn.Module travels as cloudpickle (weights left out, sent as tensors), which
+a server accepts only with --trust-remote-code. Uploads show progress: a
+tqdm bar on a terminal, INFO lines on the `djinn` logger otherwise.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import cloudpickle
+import msgspec
 import torch
 
+from djinn import messages
 from djinn.client import Client
 from djinn.errors import UsageError
 from djinn.fingerprint import (
@@ -27,26 +32,26 @@ from djinn.fingerprint import (
     storage_key,
     unique_tensors,
 )
-from djinn.net.rpc import Meter
+from djinn.net.codec import wire_value
+from djinn.net.core import Meter
 
 # Seconds allowed per GiB of upload on top of the client's timeout, so a
 # large model's chunk is not cut off on a slow link.
 UPLOAD_S_PER_GIB: Final = 60.0
+_NO_FINGERPRINT: Final = "0" * 64
 
 log = logging.getLogger("djinn")
 
 _SPECS: weakref.WeakKeyDictionary[
-    torch.nn.Module, tuple[Any, dict[str, Any], dict[str, torch.Tensor]]
+    torch.nn.Module, tuple[Any, messages.ModelSpec, dict[str, torch.Tensor]]
 ]
 _SPECS = weakref.WeakKeyDictionary()
 
 
-def _transformers_class(model: torch.nn.Module) -> str | None:
+def transformers_class(model: torch.nn.Module) -> str | None:
     """The class name when `model` is a stock transformers model the server can rebuild."""
-    try:
-        import transformers
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
+    import transformers
+
     name = type(model).__name__
     if isinstance(model, transformers.PreTrainedModel) and getattr(
         transformers, name, None
@@ -70,70 +75,146 @@ class _ModulePickler(cloudpickle.Pickler):  # type: ignore[misc]
         return None
 
 
-def describe(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def weights_version(model: torch.nn.Module) -> tuple[Any, ...]:
+    """Changes when any weight is replaced or edited in place: a cheap check per call."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+
+
+def describe(model: torch.nn.Module) -> tuple[messages.ModelSpec, dict[str, torch.Tensor]]:
     """The spec a server registers `model` by, and its unique weights by name.
 
-    Cached per model object until any weight changes in place.
+    Cached per model object until any weight changes.
     """
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
             f"cannot wrap a {type(model).__name__}: RemoteModel takes a transformers model "
             "or another torch.nn.Module"
         )
-    state = model.state_dict()
-    version = tuple((t.data_ptr(), t._version) for t in state.values())
+    version = weights_version(model)
     cached = _SPECS.get(model)
     if cached is not None and cached[0] == version:
         return cached[1], cached[2]
-    tensors, aliases = unique_tensors(state)
-    name = _transformers_class(model)
-    spec: dict[str, Any]
+    tensors, aliases = unique_tensors(model.state_dict())
+    name = transformers_class(model)
+    manifest = manifest_of(tensors)
     if name is not None:
-        pretrained: Any = model  # a transformers PreTrainedModel, as _transformers_class found
+        pretrained: Any = model  # a transformers PreTrainedModel, as transformers_class found
         config = json.loads(pretrained.config.to_json_string(use_diff=False))
         config["architectures"] = [name]
-        spec = {"kind": "transformers", "class": name, "config": canonical_config(config)}
+        generation = getattr(pretrained, "generation_config", None)
+        spec = messages.ModelSpec(
+            kind="transformers",
+            cls=name,
+            fingerprint=_NO_FINGERPRINT,
+            manifest=manifest,
+            aliases=aliases,
+            config=canonical_config(config),
+            generation_config=generation_dict(generation),
+        )
     else:
         out = io.BytesIO()
         names = {storage_key(t): n for n, t in tensors.items()}
         _ModulePickler(out, names).dump(model)
-        spec = {"kind": "pickle", "class": type(model).__qualname__, "code": out.getvalue()}
-    spec["manifest"] = manifest_of(tensors)
-    spec["aliases"] = aliases
-    spec["fingerprint"] = fingerprint(spec, tensors)
+        spec = messages.ModelSpec(
+            kind="pickle",
+            cls=type(model).__qualname__,
+            fingerprint=_NO_FINGERPRINT,
+            manifest=manifest,
+            aliases=aliases,
+            code=out.getvalue(),
+        )
+    spec = msgspec.structs.replace(spec, fingerprint=fingerprint(spec, tensors))
     _SPECS[model] = (version, spec, tensors)
     return spec, tensors
 
 
+def generation_dict(generation: Any) -> dict[str, Any] | None:
+    """A GenerationConfig as the fields that differ from transformers' defaults."""
+    if generation is None:
+        return None
+    fields: dict[str, Any] = json.loads(generation.to_json_string(use_diff=True))
+    fields.pop("transformers_version", None)
+    return fields
+
+
 def register(
-    client: Client, spec: dict[str, Any], tensors: dict[str, torch.Tensor], meter: Meter
+    client: Client,
+    spec: messages.ModelSpec,
+    weights: Callable[[int], Iterator[torch.Tensor]],
+    sizes: list[int],
+    meter: Meter,
 ) -> int:
-    """Make the server hold the model; returns the weight bytes uploaded (0 when it had them)."""
-    model = str(spec["fingerprint"])[:12]
-    reply = client.call("register", spec, meter=meter)
-    if reply["status"] == "ready":
+    """Make the server hold the model; returns the weight bytes uploaded (0 when it had
+    them). `weights(start)` yields the manifest's tensors from index `start` on, and
+    `sizes` gives each one's bytes, so a caller can stream them from files."""
+    model = spec.fingerprint[:12]
+    reply = client.request(messages.Register(spec), messages.Registered, meter=meter)
+    if reply.status == "ready":
         log.info("model %s: the server holds it, nothing to upload", model)
         return 0
-    chunk_limit = int(reply["chunk_bytes"])
-    names = [name for name, _, _ in spec["manifest"]]
-    total = sum(tensors[name].nbytes for name in names)
-    log.info("model %s: uploading %d tensors, %.1f MB", model, len(names), total / 1e6)
+    start = reply.have
+    total = sum(sizes[start:])
+    if start:
+        log.info("model %s: resuming an interrupted upload at weight %d", model, start)
+    log.info("model %s: uploading %d tensors, %.1f MB", model, len(sizes) - start, total / 1e6)
     began = time.perf_counter()
     uploaded = 0
-    start = 0
-    while start < len(names):
+    with _progress(total, model) as advance:
         chunk: list[torch.Tensor] = []
-        size = 0
-        while start + len(chunk) < len(names) and (not chunk or size < chunk_limit):
-            tensor = tensors[names[start + len(chunk)]]
+        size, first = 0, start
+        for index, tensor in enumerate(weights(start), start):
             chunk.append(tensor)
-            size += tensor.nbytes
-        timeout = client.timeout + UPLOAD_S_PER_GIB * size / 2**30
-        client.call("upload", spec["fingerprint"], start, chunk, timeout=timeout, meter=meter)
-        start += len(chunk)
-        uploaded += size
-        log.debug("model %s: %.1f of %.1f MB uploaded", model, uploaded / 1e6, total / 1e6)
-    client.call("commit", spec["fingerprint"], timeout=client.timeout + 60.0, meter=meter)
+            size += sizes[index]
+            if size >= reply.chunk_bytes or index == len(sizes) - 1:
+                timeout = client.timeout + UPLOAD_S_PER_GIB * size / 2**30
+                message = messages.Upload(spec.fingerprint, first, wire_value(chunk))
+                client.request(message, messages.Done, timeout=timeout, meter=meter)
+                uploaded += size
+                advance(size)
+                chunk, size, first = [], 0, index + 1
+    client.request(
+        messages.Commit(spec.fingerprint),
+        messages.Registered,
+        timeout=client.timeout + UPLOAD_S_PER_GIB * total / 2**30,
+        meter=meter,
+    )
     seconds = time.perf_counter() - began
-    log.info("model %s: uploaded %.1f MB in %.1f s", model, uploaded / 1e6, seconds)
+    log.info(
+        "model %s: uploaded %.1f MB in %.1f s (%.0f MB/s)",
+        model,
+        uploaded / 1e6,
+        seconds,
+        uploaded / 1e6 / max(seconds, 1e-9),
+    )
     return uploaded
+
+
+class _progress:
+    """A tqdm bar on a terminal; DEBUG log lines per chunk otherwise."""
+
+    def __init__(self, total: int, model: str) -> None:
+        self._total = total
+        self._model = model
+        self._done = 0
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if sys.stderr.isatty() and self._total:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self._total, unit="B", unit_scale=True, desc=f"upload {self._model}"
+            )
+        return self._advance
+
+    def _advance(self, nbytes: int) -> None:
+        self._done += nbytes
+        if self._bar is not None:
+            self._bar.update(nbytes)
+        log.debug(
+            "model %s: %.1f of %.1f MB uploaded", self._model, self._done / 1e6, self._total / 1e6
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()

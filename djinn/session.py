@@ -1,13 +1,13 @@
-"""The client's side of one server session: references, queued operations, traffic, decisions.
+"""The client's side of one server session: references, queued operations, reads, decisions.
 
 Work on server-held values is queued, not sent: operations ride along with
-the session's next call, or the read that needs one of their results, so a
-chain like `out.logits[:, -1].softmax(-1).topk(5).values.tolist()` costs one
-round trip, and a decode loop that only passes each token back costs none
-until it reads. The small results of queued work come back as data with
-that call, all of them, so reading any of them later costs nothing more.
-Dropped references ride along the same way. A failure in a queued
-operation is reported at the line of user code that queued it.
+the session's next call, so a chain like
+`out.logits[:, -1].softmax(-1).topk(5).values.tolist()` costs one round
+trip, and a decode loop that only passes each token back costs none until
+it reads. A read brings back what the planner chose (the value, and the
+small ones of the same line the caller still holds). Dropped references
+ride along the same way. A failure in a queued operation is reported at
+the line of user code that queued it.
 """
 
 from __future__ import annotations
@@ -18,16 +18,27 @@ import os
 import sys
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import torch
 
+from djinn import messages
 from djinn.client import Client
 from djinn.errors import ConnectionLostError, ServerError, UsageError
-from djinn.net.payload import Ref
-from djinn.net.rpc import Meter
-from djinn.semantics import Decision, DecisionLog, DecisionRecord, Lifecycle, Policy
+from djinn.net.codec import Ref
+from djinn.net.core import Meter
+from djinn.semantics import (
+    DecisionLog,
+    DecisionRecord,
+    Lifecycle,
+    Phase,
+    Plan,
+    Policy,
+    Value,
+    plan_read,
+)
 
 # Reference ids are unique across every session of the process, so a
 # reference used with the wrong session is refused, never mistaken.
@@ -50,15 +61,18 @@ def user_site() -> str:
     return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Queued:
-    wire: tuple[Any, ...]
+    op: messages.Op
     name: str
     site: str
 
 
-class Prefetched(Protocol):
-    """A handle whose value the session fetches with its next call (a small RemoteTensor)."""
+class Readable(Protocol):
+    """A handle whose value a read may bring back (a RemoteTensor)."""
+
+    @property
+    def nbytes(self) -> int: ...
 
     def _arrived(self, value: torch.Tensor) -> None: ...
 
@@ -66,27 +80,42 @@ class Prefetched(Protocol):
 class _Keeper:
     """Where a read's value lands."""
 
-    value: torch.Tensor
+    value: Any = None
+    nbytes = 0
 
-    def _arrived(self, value: torch.Tensor) -> None:
+    def _arrived(self, value: Any) -> None:
         self.value = value
+
+
+@dataclass(slots=True)
+class _Unread:
+    """A value the caller holds and has not read: where it was made, and its size."""
+
+    handle: weakref.ref[Any]
+    site: str
+    name: str
+    nbytes: int
 
 
 class RemoteSession:
     """Calls scoped to one server session, each carrying what was queued since the last."""
 
-    def __init__(
-        self, client: Client, fingerprint: str | None, meter: Meter, policy: Policy
-    ) -> None:
+    def __init__(self, client: Client, model: str | None, meter: Meter, policy: Policy) -> None:
         self.client = client
         self.meter = meter
         self.policy = policy
         self.decisions = DecisionLog()
-        self.id: str = client.call("open_session", fingerprint, meter=meter)
+        opened = client.request(messages.OpenSession(model), messages.SessionOpened, meter=meter)
+        self.id = opened.session
+        self.fingerprint = opened.fingerprint
+        self.device = torch.device(client.server_info["device"])
         self._released: deque[int] = deque()
         self._queue: list[_Queued] = []
-        self._wanted: dict[int, tuple[weakref.ref[Prefetched], str]] = {}
+        self._unread: dict[int, _Unread] = {}
         self._closed = False
+        self.phase = Phase.PREFILL  # of the last model call: the operations after it share it
+
+    # -- references -------------------------------------------------------------------
 
     def new_ref(self) -> Ref:
         return Ref(next(_REF_IDS))
@@ -95,78 +124,150 @@ class RemoteSession:
         """Forget a reference; the server frees it with the next call. Safe from finalizers."""
         if not self._closed:
             self._released.append(ref.id)
+            self._unread.pop(ref.id, None)
 
-    def enqueue(self, wire: tuple[Any, ...], name: str) -> None:
-        """Queue an operation for the next call; runs the queue if it is long."""
-        self._queue.append(_Queued(wire, name, user_site()))
-        if len(self._queue) >= QUEUE_LIMIT:
-            self.call("run")
+    def track(self, ref: Ref, handle: Readable, site: str, name: str) -> None:
+        """A value the caller may read later, made at `site`."""
+        self._unread[ref.id] = _Unread(weakref.ref(handle), site, name, handle.nbytes)
 
-    def want(self, ref: Ref, handle: Prefetched, name: str) -> None:
-        """Bring `ref`'s value back with the next call (the policy wants it as data)."""
-        self._wanted[ref.id] = (weakref.ref(handle), name)
+    def record(self, plan: Plan) -> None:
+        self.decisions.extend(plan.records())
+
+    # -- queued work ------------------------------------------------------------------
+
+    def enqueue(self, op: messages.Op, name: str, site: str | None = None, room: int = 1) -> int:
+        """Queue an operation for the next call; returns its index in that call. With
+        `room`, the queue first makes space for that many operations to go together."""
+        if self._closed:
+            raise UsageError(f"cannot run {name}: this RemoteModel is closed")
+        if len(self._queue) + room > QUEUE_LIMIT:
+            self.run()
+        self._queue.append(_Queued(op, name, site or user_site()))
+        return len(self._queue) - 1
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """Run `method` after the queued operations. Raises UsageError once closed, else
-        what the call raises, a failed queued operation naming the line that queued it."""
+    def run(self, fetch: list[messages.Fetch] | None = None) -> messages.Ran:
+        """Send what is queued (and released), bring back `fetch`: one round trip."""
+        ran: messages.Ran = self._call(
+            lambda prelude: messages.Run(self.id, prelude), messages.Ran, fetch
+        )
+        return ran
+
+    def generate(
+        self,
+        args: messages.GenerateArgs,
+        on_partial: Callable[[messages.Streamed], None] | None,
+        timeout: float | None = None,
+    ) -> messages.Generated:
+        generated: messages.Generated = self._call(
+            lambda prelude: messages.Generate(self.id, prelude, args),
+            messages.Generated,
+            None,
+            on_partial,
+            timeout,
+        )
+        return generated
+
+    def send_generate(self, args: messages.GenerateArgs) -> tuple[int, list[_Queued]]:
+        """Start a generate without waiting for it (a stream): its request id, and the
+        operations that went with it (to name one that fails)."""
+        prelude, _, queue = self._prelude(None)
+        request = messages.Generate(self.id, prelude, args)
+        conn = self.client.connection
+        request_id = conn.send(request, meter=self.meter, timeout=self.client.timeout)
+        return request_id, queue
+
+    def _prelude(
+        self, fetch: list[messages.Fetch] | None
+    ) -> tuple[messages.Prelude, list[int], list[_Queued]]:
         if self._closed:
-            raise UsageError(f"cannot call {method}: this RemoteModel is closed")
-        released = [self._released.popleft() for _ in range(len(self._released))]
+            raise UsageError("cannot call the server: this RemoteModel is closed")
+        released = list(self._released)
+        self._released.clear()
         queue, self._queue = self._queue, []
-        wanted, self._wanted = self._wanted, {}
-        fetch = [ref_id for ref_id, (handle, _) in wanted.items() if handle() is not None]
-        prelude = (released, [q.wire for q in queue], fetch)
+        prelude = messages.Prelude(released, [q.op for q in queue], fetch or [])
+        return prelude, released, queue
+
+    def _call(
+        self,
+        build: Callable[[messages.Prelude], messages.Message],
+        kind: type[Any],
+        fetch: list[messages.Fetch] | None,
+        on_partial: Callable[[messages.Streamed], None] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        prelude, released, queue = self._prelude(fetch)
         try:
-            values, result = self.client.call(
-                method, self.id, prelude, *args, timeout=timeout, meter=self.meter
+            reply = self.client.request(
+                build(prelude), kind, meter=self.meter, on_partial=on_partial, timeout=timeout
             )
         except ServerError as exc:
-            self._released.extend(released)  # releasing twice is harmless; losing one leaks
-            if exc.op_index is not None and exc.op_index < len(queue):
-                failed = queue[exc.op_index]
-                message = f"{exc.args[0]}\n  (queued by {failed.name} at {failed.site})"
-                raise type(exc)(
-                    message, exc.remote_type, exc.remote_traceback, exc.op_index
-                ) from exc
-            raise
+            self._released.extendleft(reversed(released))  # releasing twice is harmless
+            located = self.located(exc, queue)
+            if located is exc:
+                raise
+            raise located from exc
         except BaseException:
-            self._released.extend(released)
+            self._released.extendleft(reversed(released))
             raise
+        self.deliver(reply.values)
+        return reply
+
+    def located(self, exc: BaseException, queue: list[_Queued]) -> BaseException:
+        """A failed queued operation's error, naming the line of user code that queued it."""
+        if isinstance(exc, ServerError) and exc.op_index is not None and exc.op_index < len(queue):
+            failed = queue[exc.op_index]
+            message = f"{exc.args[0]}\n  (queued by {failed.name} at {failed.site})"
+            return type(exc)(message, exc.remote_type, exc.op_index)
+        return exc
+
+    def deliver(self, values: dict[int, Any]) -> None:
+        """Hand fetched values to the handles that wait for them."""
         for ref_id, value in values.items():
-            handle, name = wanted[ref_id]
-            target = handle()
-            if target is not None:
-                target._arrived(value)
-                record = DecisionRecord(
-                    name, "output", Lifecycle.OUTPUT, Decision.DATA, value.nbytes
-                )
-                self.record(record)
-        return result
+            entry = self._unread.pop(ref_id, None)
+            handle = entry.handle() if entry is not None else None
+            if handle is not None:
+                handle._arrived(value)
 
-    def fetch(self, refs: list[Ref]) -> list[torch.Tensor]:
-        """The values of `refs` (and of everything wanted), after running the queue:
-        one round trip."""
-        keepers = [_Keeper() for _ in refs]
-        for ref, keeper in zip(refs, keepers, strict=True):
-            name = self._wanted[ref.id][1] if ref.id in self._wanted else "read"
-            self._wanted[ref.id] = (weakref.ref(keeper), name)
-        self.call("run")
-        return [keeper.value for keeper in keepers]
+    # -- reads ------------------------------------------------------------------------
 
-    def describe(self) -> Any:
-        """Run the queue now; returns the structures the server described, by queue position."""
-        return self.call("run")
+    def read(self, ref: Ref, handle: Readable, name: str) -> Any:
+        """The value of `ref` (running what is queued), and with it the small values
+        of the same line the caller still holds: one round trip."""
+        entry = self._unread.get(ref.id)
+        site = entry.site if entry is not None else ""
+        series: list[tuple[int, _Unread]] = []
+        if site:
+            series = [
+                (ref_id, other)
+                for ref_id, other in self._unread.items()
+                if ref_id != ref.id and other.site == site and other.handle() is not None
+            ]
+        value = Value(name, Lifecycle.OUTPUT, handle.nbytes, read=True)
+        plan, chosen = plan_read(
+            value, [Value(other.name, Lifecycle.OUTPUT, other.nbytes) for _, other in series]
+        )
+        keeper = _Keeper()
+        self._unread[ref.id] = _Unread(weakref.ref(keeper), site, name, handle.nbytes)
+        fetch = [messages.Fetch(ref.id)] + [
+            messages.Fetch(ref_id) for (ref_id, _), take in zip(series, chosen, strict=True) if take
+        ]
+        try:
+            self.run(fetch)
+        finally:
+            self._unread.pop(ref.id, None)
+        self.record(plan)
+        return keeper.value
 
     def flush(self) -> None:
         """Send pending releases now, if enough have piled up to be worth a call."""
         if len(self._released) >= RELEASE_BATCH:
-            self.call("run")
+            self.run()
 
-    def record(self, record: DecisionRecord) -> None:
+    def record_one(self, record: DecisionRecord) -> None:
         self.decisions.add(record)
 
     def close(self) -> None:
@@ -175,8 +276,8 @@ class RemoteSession:
         self._closed = True
         self._released.clear()
         self._queue.clear()
-        self._wanted.clear()
+        self._unread.clear()
         if self.client.is_open:
             # a lost connection's sessions are freed by the server itself
             with contextlib.suppress(ConnectionLostError):
-                self.client.call("close_session", self.id, meter=self.meter)
+                self.client.request(messages.CloseSession(self.id), messages.Done, meter=self.meter)

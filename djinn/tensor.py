@@ -3,12 +3,12 @@
 Plain PyTorch works on a RemoteTensor: torch functions, tensor methods,
 operators and indexing run on the server (see djinn.ops for which). Each
 result's shape and dtype are inferred here on meta tensors, so the
-operation is only queued; then the session's policy decides per result:
-a small one comes back as a plain tensor at once (one round trip for the
-whole queued chain), a large one stays on the server as a new RemoteTensor.
-Reading a RemoteTensor (`.cpu()`, `.tolist()`, `.item()`, `bool()`,
-`print()`, `torch.as_tensor`) fetches it. A handle that is garbage-collected
-releases its server value with the session's next call.
+operation is only queued and its result is a new RemoteTensor; the planner
+records each value's placement. Reading a RemoteTensor (`.cpu()`,
+`.tolist()`, `.item()`, `bool()`, `print()`, `torch.as_tensor`) fetches it,
+with the small values of the same line the caller still holds. Once a
+value has crossed, operations on it run locally. A handle that is
+garbage-collected releases its server value with the session's next call.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from djinn import ops
+from djinn import messages, ops
 from djinn.errors import UsageError
-from djinn.net.payload import Ref
-from djinn.semantics import Decision, DecisionRecord, Lifecycle, Phase, Value
+from djinn.net.codec import Ref, wire_value
+from djinn.semantics import Call, Lifecycle, Side, Value, plan
 from djinn.tree import map_tree
 
 if TYPE_CHECKING:
     from djinn.session import RemoteSession
 
-# Ids offered for the outputs of an operation whose structure meta tensors cannot infer.
-_UNKNOWN_OUTPUTS: Final = 16
+_WIRE_DTYPES: Final = {
+    name: getattr(torch, name)
+    for name in dir(torch)
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
 
 
 class _Handle:
@@ -59,21 +62,33 @@ class _Handle:
 class RemoteTensor(_Handle):
     """A tensor that lives on the server. Shape and dtype are known here; values cross when read."""
 
-    __slots__ = ("_value", "dtype", "shape")
+    __slots__ = ("_name", "_tail", "_value", "dtype", "shape")
     __hash__ = object.__hash__  # == builds a tensor, as it does for torch.Tensor
 
     def __init__(
-        self, session: RemoteSession, ref: Ref, shape: tuple[int, ...], dtype: torch.dtype
+        self,
+        session: RemoteSession,
+        ref: Ref,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype,
+        name: str = "tensor",
     ) -> None:
         super().__init__(session, ref)
         self.shape = torch.Size(shape)
         self.dtype = dtype
+        self._name = name
         self._value: torch.Tensor | None = None  # known once fetched
+        self._tail: torch.Tensor | None = None  # its last position along dim 1, when known
 
     def _arrived(self, value: torch.Tensor) -> None:
         self._value = value
 
     # -- what is known without a round trip ---------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """The server's device, where the values live."""
+        return self._session.device
 
     @property
     def ndim(self) -> int:
@@ -88,9 +103,19 @@ class RemoteTensor(_Handle):
     def numel(self) -> int:
         return self.shape.numel()
 
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
     @property
     def nbytes(self) -> int:
         return self.numel() * self.dtype.itemsize
+
+    @property
+    def is_floating_point_type(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
 
     def __len__(self) -> int:
         if not self.shape:
@@ -101,18 +126,36 @@ class RemoteTensor(_Handle):
 
     def cpu(self) -> torch.Tensor:
         """The values: one round trip moving `nbytes` (and running queued work), unless
-        they came back already with an earlier call."""
+        they came back already."""
         if self._value is None:
-            [self._value] = self._session.fetch([self._ref])
+            self._value = self._session.read(self._ref, self, self._name)
         return self._value
 
-    def to(self, device: Any) -> torch.Tensor:
-        """Only to("cpu"): the server decides where server values live."""
-        if torch.device(device).type != "cpu":
-            raise UsageError(
-                f"cannot move a RemoteTensor to {device}: read it with .cpu(), then move the tensor"
-            )
-        return self.cpu()
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """to(dtype) runs on the server; to("cpu") reads the values; to(its own device)
+        is a no-op. The server decides where its values live, so other devices are refused."""
+        dtype = kwargs.pop("dtype", None)
+        device: Any = kwargs.pop("device", None)
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                device = arg
+            elif isinstance(arg, (torch.Tensor, RemoteTensor)):
+                dtype = arg.dtype
+            else:
+                raise UsageError(f"cannot move a RemoteTensor with {arg!r}: pass a dtype or 'cpu'")
+        result: Any = self
+        if dtype is not None and dtype != self.dtype:
+            result = apply(torch.Tensor.to, (self, dtype), {})
+        if device is None or torch.device(device) == self.device:
+            return result
+        if torch.device(device).type == "cpu":
+            return result.cpu() if isinstance(result, RemoteTensor) else result
+        raise UsageError(
+            f"cannot move a RemoteTensor to {device}: the server keeps it on {self.device}; "
+            "read it with .cpu(), then move the tensor"
+        )
 
     def numpy(self) -> np.ndarray:
         return self.cpu().numpy()
@@ -133,6 +176,9 @@ class RemoteTensor(_Handle):
 
     def __float__(self) -> float:
         return float(self.cpu())
+
+    def __index__(self) -> int:
+        return self.cpu().__index__()
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         array = self.numpy()
@@ -193,7 +239,8 @@ for _name in sorted(ops.TENSOR_METHODS):
 
 
 def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Queue `func(*args, **kwargs)` on the server; small results come back at once.
+    """Queue `func(*args, **kwargs)` on the server; results are RemoteTensors (or, where
+    every input has already crossed, the local result).
 
     Raises UsageError for an operation djinn does not run remotely or one that
     mixes references of two sessions, and what torch raises for bad shapes.
@@ -206,50 +253,138 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             "on the server (djinn.ops); read the tensor with .cpu() first"
         )
     sessions: list[RemoteSession] = []
-    inputs: list[Any] = []
+    remote: list[RemoteTensor] = []
+    local: list[torch.Tensor] = []
 
-    def to_wire(value: Any) -> Any:
+    def visit(value: Any) -> Any:
         if isinstance(value, RemoteTensor):
             if all(s is not value._session for s in sessions):
                 sessions.append(value._session)
-            inputs.append(value)
-            return value.ref
-        if isinstance(value, torch.Tensor):
-            inputs.append(value)
+            remote.append(value)
+        elif isinstance(value, torch.Tensor):
+            local.append(value)
         return value
 
-    wire_args, wire_kwargs = map_tree((args, kwargs), to_wire)
+    map_tree((args, kwargs), visit)
     if len(sessions) != 1:
         raise UsageError(
             f"cannot run {label}: it mixes tensors of {len(sessions)} sessions; "
             "server values belong to the RemoteModel that made them; fetch one with .cpu()"
         )
+    known = _known_locally(name, args, remote)
+    if known is not None:
+        return func(*known, **map_tree(kwargs, _local_value))
     session = sessions[0]
+    wire = map_tree((args, kwargs), _to_wire)
     try:
         inferred = _infer(name, func, args, kwargs)
-    except NotImplementedError:  # a data-dependent shape: ask the server
-        index = session.queued
-        ids = [session.new_ref().id for _ in range(_UNKNOWN_OUTPUTS)]
-        session.enqueue(("op", name, wire_args, wire_kwargs, ids, True), label)
-        structure, metas = session.describe()[index]
-        result = map_tree(structure, lambda v: _handle(session, v, metas))
+    except NotImplementedError:  # a data-dependent shape: the server says what it made
+        result = _described(session, name, label, wire)
     else:
         outputs: list[RemoteTensor] = []
 
         def handle(meta: Any) -> Any:
             if not isinstance(meta, torch.Tensor):
                 return meta
-            outputs.append(RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype))
+            outputs.append(RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype, label))
             return outputs[-1]
 
         result = _rebuild(inferred, handle)
-        ids = [t.ref.id for t in outputs]
-        session.enqueue(("op", name, wire_args, wire_kwargs, ids, False), label)
-    for value in inputs:
-        remote = isinstance(value, RemoteTensor)
-        nbytes = 0 if remote else value.nbytes
-        _record(session, label, "input", Decision.REFERENCE if remote else Decision.DATA, nbytes)
-    return _settle(session, label, result)
+        op = messages.TensorOp(
+            name, wire_value(wire[0]), wire_value(wire[1]), [t.ref.id for t in outputs]
+        )
+        from djinn.session import user_site
+
+        site = user_site()
+        session.enqueue(op, label, site)
+        for out in outputs:
+            session.track(out.ref, out, site, label)
+    _record(session, label, remote, local, result)
+    return result
+
+
+def _to_wire(value: Any) -> Any:
+    return value.ref if isinstance(value, RemoteTensor) else value
+
+
+def _local_value(value: Any) -> Any:
+    return value.cpu() if isinstance(value, RemoteTensor) else value
+
+
+def _known_locally(name: str, args: tuple[Any, ...], remote: list[RemoteTensor]) -> Any:
+    """The arguments with local values, when every RemoteTensor among them has crossed
+    already (or, for a subscript of the last position, its last row has)."""
+    if all(t._value is not None for t in remote):
+        return map_tree(args, _local_value)
+    if name == "Tensor.__getitem__" and len(args) == 2 and isinstance(args[0], RemoteTensor):
+        source, key = args
+        if source._tail is not None and len(remote) == 1:
+            tail_key = _last_position_key(key, source.shape)
+            if tail_key is not None:
+                return (source._tail, tail_key)
+    return None
+
+
+def _last_position_key(key: Any, shape: torch.Size) -> Any:
+    """`key` rewritten for the tensor's last position along dim 1 alone (shape [B, 1, ...]),
+    when it reads nothing else: [:, -1], [:, -1, ...], [:, -1:], [:, n - 1]."""
+    items = key if isinstance(key, tuple) else (key,)
+    if len(shape) < 2 or len(items) < 2 or items[0] != slice(None):
+        return None
+    second, rest = items[1], items[2:]
+    if any(isinstance(k, (torch.Tensor, RemoteTensor, list)) for k in rest):
+        return None
+    last = shape[1] - 1
+    if type(second) is int and second in (-1, last):
+        return (slice(None), 0, *rest)
+    whole_tail = type(second) is slice and second.step in (None, 1) and second.stop is None
+    if whole_tail and second.start in (-1, last):
+        return (slice(None), slice(0, 1), *rest)
+    return None
+
+
+def _described(session: RemoteSession, name: str, label: str, wire: Any) -> Any:
+    op = messages.TensorOp(name, wire_value(wire[0]), wire_value(wire[1]), [], describe=True)
+    index = session.enqueue(op, label)
+    return remote_tree(session, session.run().described[index], label)
+
+
+def remote_tree(session: RemoteSession, described: messages.Described, name: str) -> Any:
+    """A described structure with handles in place of its Refs (caches as RemoteCaches)."""
+
+    def build(value: Any) -> Any:
+        if type(value) is Ref:
+            meta = described.metas[value.id]
+            if meta.dtype == "cache":
+                return RemoteCache(session, value, meta.shape[0])
+            return RemoteTensor(session, value, tuple(meta.shape), _WIRE_DTYPES[meta.dtype], name)
+        return value
+
+    return map_tree(described.structure, build)
+
+
+def _record(
+    session: RemoteSession,
+    label: str,
+    remote: list[RemoteTensor],
+    local: list[torch.Tensor],
+    result: Any,
+) -> None:
+    outputs: list[Value] = []
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, RemoteTensor):
+            outputs.append(Value("output", Lifecycle.OUTPUT, value.nbytes))
+        return value
+
+    _rebuild(result, visit)
+    inputs = [Value("input", Lifecycle.ACTIVATION, 0) for _ in remote] + [
+        Value("input", Lifecycle.ACTIVATION, t.nbytes, Side.CLIENT) for t in local
+    ]
+    decided = plan(Call(label, session.phase, tuple(inputs), tuple(outputs)), session.policy)
+    session.record(decided)
+    if outputs and any(decided.data(p.value.name) for p in decided.placements[len(inputs) :]):
+        _rebuild(result, lambda v: v.cpu() if isinstance(v, RemoteTensor) else v)
 
 
 # Shapes and dtypes of results by operation and argument signature: a decode
@@ -269,7 +404,12 @@ def _infer(name: str, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         key = None
     if key is not None and key in _INFERRED:
         return _INFERRED[key]
-    inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+    try:
+        inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+    except RuntimeError as exc:
+        if "meta" in str(exc) or "data-dependent" in str(exc):
+            raise NotImplementedError(str(exc)) from None
+        raise
     if key is not None:
         if len(_INFERRED) >= _INFERRED_LIMIT:
             _INFERRED.clear()
@@ -309,36 +449,6 @@ def _rebuild(value: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(value, tuple) and type(value) is not tuple:
         return type(value)(tuple(_rebuild(v, fn) for v in value))
     return map_tree(value, fn)
-
-
-def _handle(session: RemoteSession, value: Any, metas: dict[int, Any]) -> Any:
-    if isinstance(value, Ref):
-        shape, dtype = metas[value.id]
-        return RemoteTensor(session, value, shape, dtype)
-    return value
-
-
-def _settle(session: RemoteSession, label: str, result: Any) -> Any:
-    """Decide, per result, data or reference. A result the policy wants as data
-    (a small one) comes back with the session's next call, which its first read
-    makes happen; the others stay on the server until read."""
-
-    def decide(value: Any) -> Any:
-        if isinstance(value, RemoteTensor):
-            wanted = Value(label, Lifecycle.OUTPUT, value.nbytes, Phase.DECODE, True)
-            if session.policy.decide(wanted) is Decision.DATA:
-                session.want(value.ref, value, label)
-            else:
-                _record(session, label, "output", Decision.REFERENCE, 0)
-        return value
-
-    _rebuild(result, decide)
-    return result
-
-
-def _record(session: RemoteSession, op: str, value: str, decision: Decision, nbytes: int) -> None:
-    lifecycle = Lifecycle.OUTPUT if value != "input" else Lifecycle.ACTIVATION
-    session.record(DecisionRecord(op, value, lifecycle, decision, nbytes))
 
 
 class RemoteCache(_Handle):

@@ -9,11 +9,11 @@ no client in the way:
 - native: the experiment's greedy loop in this thread, on the default stream;
 - side_stream: the same in this thread, on the executor's own CUDA stream (CUDA only);
 - worker_thread: the same in a plain worker thread, on the default stream;
-- one_job: the same as a single job of the server's Executor (its thread and stream);
+- one_job: the same as a single job of the server's Device (its thread, turn and stream);
 - server_ops: what a full_djinn decode sends, run as the server runs it: one
-  Executor job of `run_ops` over the queued forward, `[:, -1]` and argmax of
+  Device job of `run_ops` over the queued forward, `[:, -1]` and argmax of
   every step, then the fetch of the tokens;
-- job_per_step: one Executor job per step, as a loop that reads every token.
+- job_per_step: one Device job per step, as a loop that reads every token.
 
 Runs are interleaved; each line reports per-token ms and the ratio to native
 in the same round (median over rounds). With --profile, one more decode of
@@ -42,53 +42,74 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from djinn import messages  # noqa: E402
 from djinn.errors import UsageError  # noqa: E402
-from djinn.net.payload import Ref  # noqa: E402
+from djinn.modelfacts import ModelFacts  # noqa: E402
+from djinn.net import codec  # noqa: E402
+from djinn.net.codec import Ref, wire_value  # noqa: E402
 from djinn.server.config import ServerConfig  # noqa: E402
-from djinn.server.executor import Executor, resolve_device  # noqa: E402
-from djinn.server.inference import run_ops  # noqa: E402
+from djinn.server.device import Device, Job, resolve_device  # noqa: E402
+from djinn.server.inference import Batch, run_ops  # noqa: E402
 from djinn.server.models import LoadedModel  # noqa: E402
 from djinn.server.sessions import Session, SessionRegistry  # noqa: E402
-from scripts.exp2_1 import PRESETS, Local, build_model, decode, is_model, prompt_ids  # noqa: E402
+from harness.exp2_1 import PRESETS, Local, build_model, decode, is_model, prompt_ids  # noqa: E402
 
 PROFILED_TOKENS = 10
 
 
-def per_step_jobs(executor: Executor, model: Local, ids: torch.Tensor, new_tokens: int) -> None:
+def job() -> Job:
+    return Job("bench", max_s=3600.0)
+
+
+def per_step_jobs(device: Device, model: Local, ids: torch.Tensor, new_tokens: int) -> None:
     async def run() -> None:
-        def step(token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        def step(_: Job, token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
             out = model(token, past_key_values=cache, use_cache=True)
             return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
 
-        token, cache = await executor.run(step, ids, None)
+        token, cache = await device.run(job(), step, ids, None)
         for _ in range(new_tokens - 1):
-            token, cache = await executor.run(step, token, cache)
+            token, cache = await device.run(job(), step, token, cache)
 
     asyncio.run(run())
 
 
-def decode_ops(ids: torch.Tensor, new_tokens: int) -> tuple[list[Any], list[int]]:
-    """(operations, ids to fetch) as RemoteModel queues the experiment's loop under the
-    full policy: per step a forward that keeps logits and cache on the server, then
-    `logits[:, -1]` and `argmax(-1, keepdim=True)`; the tokens come back at the end."""
+def decode_ops(ids: torch.Tensor, new_tokens: int, device: Device) -> messages.Prelude:
+    """The prelude RemoteModel sends for the experiment's loop under the full policy:
+    per step a forward that keeps logits and cache on the server, then `logits[:, -1]`
+    and `argmax(-1, keepdim=True)`; the tokens come back at the end."""
     numbers = itertools.count(1)
-    ops: list[Any] = []
+    ops: list[messages.Op] = []
     tokens: list[int] = []
     step_ids: Any = ids
     cache: Ref | None = None
-    cache_id = 0
+    cache_id = next(numbers)
     for _ in range(new_tokens):
         logits = next(numbers)
-        if cache is None:
-            cache_id = next(numbers)
-        ops.append(("forward", step_ids, cache, None, logits, cache_id, True))
+        ops.append(
+            messages.ForwardOp(
+                input_ids=step_ids, cache=cache, out_logits=logits, out_cache=cache_id
+            )
+        )
         last, token = next(numbers), next(numbers)
-        key = (slice(None), -1)
-        ops.append(("op", "Tensor.__getitem__", (Ref(logits), key), {}, [last], False))
-        ops.append(("op", "Tensor.argmax", (Ref(last), -1), {"keepdim": True}, [token], False))
+        key = wire_value((Ref(logits), (slice(None), -1)))
+        ops.append(messages.TensorOp("Tensor.__getitem__", key, {}, [last]))
+        ops.append(
+            messages.TensorOp(
+                "Tensor.argmax", wire_value((Ref(last), -1)), {"keepdim": True}, [token]
+            )
+        )
         step_ids, cache = Ref(token), Ref(cache_id)
         tokens.append(token)
-    return ops, tokens
+    prelude = messages.Prelude(ops=ops, fetch=[messages.Fetch(t) for t in tokens])
+    control, buffers = codec.encode(prelude)
+    received = []  # as the server receives it: in its receive pool (pinned on a GPU)
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        destination = device.receive_pool(view.nbytes)
+        memoryview(destination).cast("B")[:] = view
+        received.append(destination)
+    return codec.decode(control, received, messages.Prelude)
 
 
 def host_times(fn: Callable[[], object]) -> dict[str, tuple[int, float]]:
@@ -143,36 +164,37 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.runs, args.prompt_tokens, args.new_tokens) < 1:
         p.error("--runs, --prompt-tokens and --new-tokens must be >= 1")
     try:
-        device = resolve_device(args.device)
+        device = Device(str(resolve_device(args.device)), receive_budget=1 << 30, max_queued=4)
     except UsageError as exc:
         p.error(str(exc))
-    built, tokenizer, _ = build_model(args.model, device, torch.float32, 0)
+    built, tokenizer, _ = build_model(args.model, device.device, torch.float32, 0)
     model = Local(built)
     ids = prompt_ids(tokenizer, args.prompt_tokens, model.model.config.vocab_size)
-    executor = Executor(device, receive_budget=1 << 30, max_queued=4)
-    session = Session(
-        None, LoadedModel("bench", built, 0, model.name), 1 << 40, SessionRegistry(ServerConfig())
+    loaded = LoadedModel(
+        "bench", built, 0, model.name, ModelFacts.of(built.config), torch.float32, True
     )
+    session = Session(None, loaded, 1 << 40, SessionRegistry(ServerConfig()))
     n = args.new_tokens
-    # the ids as they arrive on the server: on the host, pinned where it has a GPU
-    on_host = ids.pin_memory() if device.type == "cuda" else ids
-    ops, fetch = decode_ops(on_host, n)
-    ids = ids.to(device)
+    prelude = decode_ops(ids, n, device)
+    ids = ids.to(device.device)
     plain_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     def native() -> list[int]:
         with torch.inference_mode():
             return decode(model, ids, n)
 
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    side = torch.cuda.Stream(device.device) if device.is_cuda else None
 
     def side_stream() -> None:
         with torch.cuda.stream(side):
             native()
 
+    def run_prelude(job: Job, chosen: messages.Prelude) -> Batch:
+        return run_ops(job, device, session, chosen, itertools.count(1 << 62), 512)
+
     def server_ops() -> list[int]:
-        batch = asyncio.run(executor.run(run_ops, executor, session, ops, fetch))
-        return [int(batch.fetched[i]) for i in fetch]
+        batch = asyncio.run(device.run(job(), run_prelude, prelude))
+        return [int(batch.values[f.ref]) for f in prelude.fetch]
 
     # the timings still come out if not (they are what a device run is for), but it fails
     same_tokens = server_ops() == native()
@@ -181,24 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     ways: dict[str, Callable[[], object]] = {
         "native": native,
         "worker_thread": lambda: plain_thread.submit(native).result(),
-        "one_job": lambda: asyncio.run(executor.run(decode, model, ids, n)),
+        "one_job": lambda: asyncio.run(device.run(job(), lambda _, *a: decode(*a), model, ids, n)),
         "server_ops": server_ops,
-        "job_per_step": lambda: per_step_jobs(executor, model, ids, n),
+        "job_per_step": lambda: per_step_jobs(device, model, ids, n),
     }
     if side is not None:
         ways["side_stream"] = side_stream
     times: dict[str, list[float]] = {name: [] for name in ways}
     for round_ in range(args.runs + 1):
         for name, way in ways.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if device.is_cuda:
+                torch.cuda.synchronize(device.device)
             start = time.perf_counter()
             way()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if device.is_cuda:
+                torch.cuda.synchronize(device.device)
             if round_:  # the first round warms up
                 times[name].append((time.perf_counter() - start) * 1e3 / n)
-    print(f"{args.model} on {device}, {args.prompt_tokens}+{n} tokens, {args.runs} rounds")
+    print(f"{args.model} on {device.device}, {args.prompt_tokens}+{n} tokens, {args.runs} rounds")
     for name, ms in times.items():
         ratio = statistics.median(a / b for a, b in zip(ms, times["native"], strict=True))
         print(f"{name:>13}: {statistics.median(ms):8.2f} ms/token  {ratio:.3f}x native")
@@ -206,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         k = min(n, PROFILED_TOKENS)
         with torch.inference_mode():
             on_caller = host_times(lambda: decode(model, ids, k))
-        short_ops, short_fetch = decode_ops(on_host, k)
-        job = asyncio.run(
-            executor.run(host_times, lambda: run_ops(executor, session, short_ops, short_fetch))
+        short = decode_ops(ids.cpu(), k, device)
+        profiled = asyncio.run(
+            device.run(job(), lambda j: host_times(lambda: run_prelude(j, short)))
         )
-        print_profile(on_caller, job, k)
-    executor.shutdown()
+        print_profile(on_caller, profiled, k)
+    device.shutdown()
     plain_thread.shutdown()
     return 0 if same_tokens else 1
 

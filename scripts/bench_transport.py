@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import djinn  # noqa: E402
-from djinn.server.process import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 _RAW_SERVER = r"""
 import socket, struct, sys

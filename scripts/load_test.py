@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import djinn  # noqa: E402
-from djinn.server.process import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 VOCAB = 2048
 

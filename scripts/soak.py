@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import djinn  # noqa: E402
-from djinn.server.process import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 SETTLED = {"sessions": 0, "resident_bytes": 0, "receive_in_use_bytes": 0, "connections": 1}
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 from djinn import connect
 from djinn.client import Client
-from djinn.server.process import ServerProcess
+from harness.server import ServerProcess
 
 settings.register_profile(
     "djinn", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow]

@@ -12,18 +12,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from djinn.net import payload
+from djinn import messages
+from djinn.net import codec
 from djinn.net.frame import NEED_DATA, Frame, FrameDecoder, FrameKind, encode_frame
 from djinn.net.protocol import new_event_loop
-from djinn.server.app import Handler, Server
+from djinn.server.app import Server
 from djinn.server.config import ServerConfig
+from djinn.server.dispatch import HANDLERS, Handler
 
 
 class InProcessServer:
     """A djinn Server on a background event loop, for tests that inject handlers."""
 
     def __init__(
-        self, store: Path, handlers: Mapping[str, Handler] | None = None, **config: Any
+        self,
+        store: Path,
+        handlers: Mapping[type[messages.Message], Handler] | None = None,
+        **config: Any,
     ) -> None:
         self.config = ServerConfig(port=0, device="cpu", store=store, **config)
         self.handlers = handlers
@@ -36,17 +41,19 @@ class InProcessServer:
         self.thread.start()
 
         async def start() -> None:
-            from djinn.server.handlers import HANDLERS
-
-            self.server = Server(self.config, {**HANDLERS, **(self.handlers or {})})
+            self.server = Server(self.config)
             host, port = await self.server.start()
             self.address = f"{host}:{port}"
 
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
+
+        self._saved = {kind: HANDLERS[kind] for kind in self.handlers or {}}
+        HANDLERS.update(self.handlers or {})
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self.server is not None
+        HANDLERS.update(self._saved)
         asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -78,14 +85,29 @@ class RawPeer:
                 return None
             self.decoder.receive_data(data)
 
-    def handshake(self) -> dict[str, Any]:
-        self.send_frame(FrameKind.HELLO, payload.dumps({"nonce": os.urandom(32)})[0])
+    def handshake(self) -> messages.ServerInfo:
+        self.send_frame(FrameKind.HELLO, os.urandom(32))
         challenge = self.read_frame()
         assert challenge is not None and challenge.kind is FrameKind.CHALLENGE
-        self.send_frame(FrameKind.AUTH, payload.dumps({"proof": None})[0])
+        self.send_frame(FrameKind.AUTH, b"")
         welcome = self.read_frame()
         assert welcome is not None and welcome.kind is FrameKind.WELCOME, welcome
-        return payload.loads(welcome.control, welcome.buffers)
+        return codec.decode(welcome.control, welcome.buffers, messages.ServerInfo)
+
+    def request(self, message: messages.Message, request_id: int = 1) -> None:
+        control, buffers = codec.encode(message)
+        self.sock.sendall(
+            b"".join(
+                bytes(memoryview(b))
+                for b in encode_frame(Frame(FrameKind.REQUEST, request_id, control, buffers))
+            )
+        )
+
+    def failure(self) -> messages.Failure:
+        """The next frame, which must be an ERROR."""
+        frame = self.read_frame()
+        assert frame is not None and frame.kind is FrameKind.ERROR, frame
+        return codec.decode(frame.control, frame.buffers, messages.Failure)
 
     def is_closed(self) -> bool:
         """True once the server has closed its side (reads return EOF)."""

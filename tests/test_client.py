@@ -14,17 +14,19 @@ import pytest
 import torch
 
 import djinn
+from djinn import messages
 from djinn.client import AsyncClient, parse_address
 from djinn.errors import (
     ConnectionLostError,
     DjinnTimeoutError,
-    RemoteUsageError,
+    LocalProtocolError,
     UsageError,
     VersionMismatchError,
 )
 from djinn.net.frame import PROTOCOL_VERSION, Frame, FrameKind, encode_frame
-from djinn.server.process import ServerProcess
-from tests.helpers import InProcessServer
+from djinn.server.dispatch import Call
+from harness.server import ServerProcess
+from tests.helpers import InProcessServer, RawPeer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,12 +103,31 @@ def test_server_info_from_the_handshake(client: djinn.Client) -> None:
     assert client.server_info["device"] == "cpu"
 
 
-def test_unknown_method_and_wrong_arity_are_usage_errors(client: djinn.Client) -> None:
-    with pytest.raises(RemoteUsageError, match="no such method"):
-        client.call("format_disk")
-    with pytest.raises(RemoteUsageError, match=r"takes 1\.\.1 arguments, got 2"):
-        client.call("echo", 1, 2)
-    assert client.ping() > 0  # the connection survives both
+@pytest.mark.parametrize(
+    "control",
+    [b"\x91\xabformat_disk", b"\x93\xa4echo\x01\x02", b"\x91\xa4echo"],
+    ids=["unknown-kind", "extra-field", "missing-field"],
+)
+def test_unknown_and_malformed_requests_get_an_error_reply(
+    server: ServerProcess, control: bytes
+) -> None:
+    peer = RawPeer(server.address)
+    peer.handshake()
+    peer.send_frame(FrameKind.REQUEST, control, request_id=3)
+    failure = peer.failure()
+    assert failure.code == "protocol" and "cannot decode" in failure.message
+    peer.request(messages.Ping(), request_id=4)
+    reply = peer.read_frame()
+    assert reply is not None and reply.request_id == 4  # the connection survives
+
+
+def test_a_protocol_error_reply_reaches_the_caller_typed(client: djinn.Client) -> None:
+    class Unknown(messages.Message, tag="unknown"):
+        pass
+
+    with pytest.raises(LocalProtocolError, match="another version"):
+        client.request(Unknown(), messages.Done)
+    assert client.ping() > 0
 
 
 def test_unsendable_argument_fails_before_sending(client: djinn.Client) -> None:
@@ -148,7 +169,7 @@ def test_client_refuses_a_server_of_another_protocol_version() -> None:
         def serve() -> None:
             conn, _ = listener.accept()
             conn.recv(4096)
-            head = encode_frame(Frame(FrameKind.CHALLENGE, 0, b"x"))[0]
+            head = encode_frame(Frame(FrameKind.CHALLENGE, 0, bytes(33)))[0]
             conn.sendall(head[:4] + bytes([PROTOCOL_VERSION + 1]) + head[5:])
             time.sleep(0.5)
             conn.close()
@@ -168,18 +189,22 @@ def test_connect_times_out_on_a_silent_server() -> None:
         assert time.monotonic() - start < 3
 
 
-async def _slow(conn: object, seconds: float, tag: object) -> object:
+async def _slow(call: Call, msg: messages.Echo) -> messages.Echoed:
+    seconds, tag = msg.value
     await asyncio.sleep(seconds)
-    return tag
+    return messages.Echoed(tag)
+
+
+SLOW = {messages.Echo: _slow}
 
 
 def test_calls_time_out_and_the_connection_stays_usable(tmp_path: Path) -> None:
-    with InProcessServer(tmp_path, {"slow": _slow}) as srv, djinn.connect(srv.address) as client:
+    with InProcessServer(tmp_path, SLOW) as srv, djinn.connect(srv.address) as client:
         start = time.monotonic()
-        with pytest.raises(DjinnTimeoutError, match=r"no answer .* within 0\.2s"):
-            client.call("slow", 1.0, "late", timeout=0.2)
+        with pytest.raises(DjinnTimeoutError, match=r"no answer .* within 0\.2s.*timeout="):
+            client.echo((1.0, "late"), timeout=0.2)
         assert time.monotonic() - start < 1.0
-        assert client.call("slow", 0.0, "next") == "next"  # the late answer is skipped
+        assert client.echo((0.0, "next")) == "next"  # the late answer is skipped
 
 
 def test_many_calls_in_flight_answer_in_any_order(tmp_path: Path) -> None:
@@ -188,7 +213,7 @@ def test_many_calls_in_flight_answer_in_any_order(tmp_path: Path) -> None:
             done: list[str] = []
 
             async def call(seconds: float, tag: str) -> None:
-                assert await client.call("slow", seconds, tag) == tag
+                assert await client.echo((seconds, tag)) == tag
                 done.append(tag)
 
             slow = asyncio.ensure_future(call(1.0, "slow"))
@@ -200,14 +225,14 @@ def test_many_calls_in_flight_answer_in_any_order(tmp_path: Path) -> None:
             await slow
             assert done[-1] == "slow" and len(done) == 51
 
-    with InProcessServer(tmp_path, {"slow": _slow}) as srv:
+    with InProcessServer(tmp_path, SLOW) as srv:
         asyncio.run(main(srv.address))
 
 
 def test_pending_calls_fail_at_once_when_the_server_goes(tmp_path: Path) -> None:
     async def main(address: str, stop: Any) -> None:
         client = await AsyncClient.connect(address, timeout=30)
-        pending = [asyncio.ensure_future(client.call("slow", 20.0, i)) for i in range(5)]
+        pending = [asyncio.ensure_future(client.echo((20.0, i))) for i in range(5)]
         await asyncio.sleep(0.2)
         start = time.monotonic()
         stop()
@@ -218,7 +243,7 @@ def test_pending_calls_fail_at_once_when_the_server_goes(tmp_path: Path) -> None
         with pytest.raises(ConnectionLostError):
             await client.ping()
 
-    srv = InProcessServer(tmp_path, {"slow": _slow}).__enter__()
+    srv = InProcessServer(tmp_path, SLOW).__enter__()
     asyncio.run(main(srv.address, lambda: srv.__exit__(None, None, None)))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import djinn
-from djinn import RemoteModel
+from djinn import RemoteModel, messages
 from djinn.errors import (
     ConnectionLostError,
     DjinnTimeoutError,
@@ -22,7 +22,7 @@ from djinn.errors import (
     QuotaExceededError,
     ServerBusyError,
 )
-from djinn.server.process import ServerProcess
+from harness.server import ServerProcess
 from tests.helpers import FaultProxy
 from tests.models import prompt, tiny_gpt2
 
@@ -211,7 +211,8 @@ def test_one_session_cannot_free_anothers_references(fresh: ServerProcess) -> No
     ):
         logits = a(prompt(length=16), use_cache=False).logits
         a.synchronize()
-        client.call("run", b._session.id, ([logits.ref.id], [], []))  # b tries to free it
+        b_frees = messages.Run(b.session.id, messages.Prelude(released=[logits.ref.id]))
+        client.request(b_frees, messages.Ran)  # b tries to free a's logits
         assert a.synchronize() is None and logits.cpu().shape == logits.shape
 
 

@@ -15,7 +15,7 @@ import djinn
 from djinn import RemoteModel, RemoteTensor
 from djinn.errors import DeviceOutOfMemoryError, RemoteUsageError
 from djinn.net.buffers import BufferPool, pinned_block
-from djinn.server.process import ServerProcess
+from harness.server import ServerProcess
 from tests.models import BUILDERS, prompt, tiny_gpt2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
@@ -110,7 +110,9 @@ def test_out_of_range_indices_are_errors_not_device_asserts(tmp_path: Path) -> N
 
 
 def test_device_out_of_memory_is_a_typed_error_for_that_session_only(tmp_path: Path) -> None:
+    # budgets past the device's memory, so that the device itself runs out
     args = ("--store", str(tmp_path), "--device", "cuda", "--session-quota", "4096")
+    args += ("--session-memory", "4096")
     with (
         ServerProcess(*args) as proc,
         RemoteModel(tiny_gpt2(), proc.address) as greedy,

@@ -12,17 +12,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import djinn
-from djinn import RemoteModel, RemoteTensor
+from djinn import RemoteModel, RemoteTensor, messages
 from djinn.errors import (
     LostReferenceError,
     RemoteCodeRefusedError,
     RemoteUsageError,
     UsageError,
 )
-from djinn.generation import GenerationParams
 from djinn.semantics import Decision, Lifecycle
-from djinn.server.process import ServerProcess
 from djinn.tensor import RemoteCache
+from harness.server import ServerProcess
 from tests.models import BUILDERS, VOCAB, prompt, tiny_gpt2
 
 pytestmark = pytest.mark.timeout(120)
@@ -114,7 +113,7 @@ def test_blind_policy_ships_the_whole_cache_both_ways(
         assert s >= kv and r >= kv + 2 * config.n_layer * config.n_embd * 4 + VOCAB * 4
 
 
-def test_partially_aware_returns_only_the_last_logits_row(
+def test_partially_aware_ships_only_the_last_logits_row_and_truncates_nothing(
     server: ServerProcess, models: dict[str, torch.nn.Module]
 ) -> None:
     ids = prompt(length=30)
@@ -123,9 +122,14 @@ def test_partially_aware_returns_only_the_last_logits_row(
         RemoteModel(models["gpt2"], server.address, policy="semantic_blind") as blind,
     ):
         p, b = partial(ids), blind(ids)
-        assert p.logits.shape == (1, 1, VOCAB) and b.logits.shape == (1, 30, VOCAB)
-        assert torch.equal(p.logits[:, -1], b.logits[:, -1])
-        assert partial.stats()["bytes_received"] <= blind.stats()["bytes_received"] - 29 * VOCAB * 4
+        assert isinstance(p.logits, RemoteTensor) and isinstance(b.logits, torch.Tensor)
+        assert p.logits.shape == b.logits.shape == (1, 30, VOCAB)
+        received = partial.stats()["bytes_received"]
+        last = p.logits[:, -1]  # came back with the forward: no round trip
+        assert isinstance(last, torch.Tensor) and torch.equal(last, b.logits[:, -1])
+        assert partial.stats()["bytes_received"] == received
+        assert received <= blind.stats()["bytes_received"] - 29 * VOCAB * 4
+        torch.testing.assert_close(p.logits.cpu(), b.logits)  # the rest is still there
 
 
 def test_full_policy_keeps_logits_and_cache_on_the_server(
@@ -162,15 +166,17 @@ def test_every_decision_is_recorded(
         rm(prompt(length=1), past_key_values=out.past_key_values)
         records = [(r.op, r.value, r.lifecycle, r.decision) for r in rm.decisions]
         stats = rm.stats()
-    assert ("register", "weights", Lifecycle.WEIGHT, Decision.REFERENCE) in records or (
-        "register",
-        "weights",
-        Lifecycle.WEIGHT,
-        Decision.DATA,
-    ) in records
-    assert ("forward", "logits", Lifecycle.OUTPUT, Decision.REFERENCE) in records
+    weights = [r for r in rm.decisions if r.op == "register"]
+    uploaded = Decision.DATA if rm.uploaded_bytes else Decision.REFERENCE
+    assert [(r.value, r.lifecycle, r.decision) for r in weights] == [
+        ("weights", Lifecycle.WEIGHT, uploaded)
+    ]
+    assert weights[0].bytes == (rm.weight_bytes if rm.uploaded_bytes else 0)
+    assert ("forward", "logits", Lifecycle.ACTIVATION, Decision.REFERENCE) in records
+    assert ("forward", "logits[:, -1]", Lifecycle.OUTPUT, Decision.REFERENCE) in records
     assert ("forward", "past_key_values", Lifecycle.SESSION_STATE, Decision.REFERENCE) in records
     assert stats["by_lifecycle"]["session_state"]["data_bytes"] == 0
+    assert all(r.reason for r in rm.decisions)
 
 
 def test_second_registration_uploads_nothing(
@@ -185,7 +191,7 @@ def test_second_registration_uploads_nothing(
     mb = f"{first.uploaded_bytes / 1e6:.1f} MB"
     start, done = caplog.messages[-2:]
     assert start.startswith(f"{said}uploading ") and start.endswith(f" tensors, {mb}")
-    assert done.startswith(f"{said}uploaded {mb} in ") and done.endswith(" s")
+    assert done.startswith(f"{said}uploaded {mb} in ") and done.endswith(" MB/s)")
     with djinn.connect(fresh.address) as client, RemoteModel(model, client) as second:
         assert second.uploaded_bytes == 0
         assert caplog.messages[-1] == f"{said}the server holds it, nothing to upload"
@@ -227,10 +233,12 @@ def test_sampling_is_seeded_and_reproducible(
 ) -> None:
     ids = prompt()
     with RemoteModel(models["gpt2"], server.address) as rm:
-        a = rm.generate(ids, max_new_tokens=20, do_sample=True, top_k=50, top_p=0.9, seed=1)
-        b = rm.generate(ids, max_new_tokens=20, do_sample=True, top_k=50, top_p=0.9, seed=1)
-        c = rm.generate(ids, max_new_tokens=20, do_sample=True, temperature=2.0, seed=2)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+        torch.manual_seed(1)
+        a = rm.generate(ids, max_new_tokens=20, do_sample=True, top_k=50, top_p=0.9)
+        torch.manual_seed(1)
+        b = rm.generate(ids, max_new_tokens=20, do_sample=True, top_k=50, top_p=0.9)
+        c = rm.generate(ids, max_new_tokens=20, do_sample=True, top_k=50, top_p=0.9)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the caller's RNG moved on
     assert a.shape == (1, 32)
 
 
@@ -247,25 +255,33 @@ def test_another_sessions_cache_is_refused(
         with pytest.raises(UsageError, match="another RemoteModel's session"):
             b(prompt(length=1), past_key_values=cache)
         # forging it past the client's check: the server does not hold it for b
+        forged = messages.Run(
+            b.session.id, messages.Prelude(fetch=[messages.Fetch(cache.ref.id, "cache")])
+        )
         with pytest.raises(LostReferenceError, match="does not hold it"):
-            client.call("run", b._session.id, ([], [], [cache.ref.id]))
+            client.request(forged, messages.Ran)
 
 
-def test_a_pad_token_outside_the_vocabulary_is_refused(
+def test_token_ids_outside_the_vocabulary_are_refused(
     server: ServerProcess, models: dict[str, torch.nn.Module]
 ) -> None:
-    # finished rows are fed the pad token: on CUDA, one outside the vocabulary is a device assert
+    # each is an index into the scores: on CUDA, one outside the vocabulary is a device assert
     with djinn.connect(server.address) as client, RemoteModel(models["gpt2"], client) as rm:
         for policy in ("full", "semantic_blind"):
-            with (
-                RemoteModel(models["gpt2"], client, policy=policy) as each,
-                pytest.raises(UsageError, match="pad token"),
-            ):
-                each.generate(prompt(), max_new_tokens=2, eos_token_id=3, pad_token_id=VOCAB)
+            with RemoteModel(models["gpt2"], client, policy=policy) as each:
+                for bad in (
+                    {"pad_token_id": VOCAB},
+                    {"suppress_tokens": [VOCAB + 3]},
+                    {"bad_words_ids": [[-2]]},
+                ):
+                    with pytest.raises(UsageError, match="outside the vocabulary"):
+                        each.generate(prompt(), max_new_tokens=2, eos_token_id=3, **bad)
         # forged past the client's check, the server refuses it too
-        params = GenerationParams(max_new_tokens=2, eos_token_id=(3,), pad_token_id=VOCAB)
+        args = messages.GenerateArgs(prompt(), config={"max_new_tokens": 2, "pad_token_id": VOCAB})
         with pytest.raises(RemoteUsageError, match="outside the vocabulary"):
-            client.call("generate", rm._session.id, ([], [], []), prompt(), None, params.to_wire())
+            client.request(
+                messages.Generate(rm.session.id, messages.Prelude(), args), messages.Generated
+            )
         assert rm.generate(prompt(), max_new_tokens=2, eos_token_id=3).shape == (1, 14)
 
 
@@ -363,15 +379,25 @@ def test_plain_module_runs_on_a_trusting_server(tmp_path: Path) -> None:
     args = ("--store", str(tmp_path), "--device", "cpu", "--trust-remote-code", "--token", "t0k")
     with ServerProcess(*args) as proc, RemoteModel(module, proc.address, token="t0k") as rm:
         remote_out, remote_hidden = rm(x)
-        assert isinstance(remote_out, torch.Tensor)  # 48 bytes: small, so data
-        assert isinstance(remote_hidden, RemoteTensor)  # 24 KiB: kept under "full"
-        torch.testing.assert_close(remote_out, out)
+        assert isinstance(remote_out, RemoteTensor) and isinstance(remote_hidden, RemoteTensor)
+        torch.testing.assert_close(remote_out.cpu(), out)  # kept under "full" until read
         torch.testing.assert_close(remote_hidden.cpu(), hidden)
+    with (
+        ServerProcess(*args) as proc,
+        RemoteModel(module, proc.address, "semantic_blind", token="t0k") as rm,
+    ):
+        blind_out, blind_hidden = rm(x)  # data at once under the blind policy
+        assert isinstance(blind_out, torch.Tensor) and isinstance(blind_hidden, torch.Tensor)
+        torch.testing.assert_close(blind_out, out)
 
 
 @pytest.mark.parametrize(
     ("method", "advice"),
-    [("parameters", "use the model you wrapped"), ("to", "--device"), ("state_dict", "weights")],
+    [
+        ("parameters", "use the model you wrapped"),
+        ("train", "inference only"),
+        ("state_dict", "weights"),
+    ],
 )
 def test_local_only_module_methods_explain_themselves(
     server: ServerProcess, models: dict[str, torch.nn.Module], method: str, advice: str
@@ -380,30 +406,46 @@ def test_local_only_module_methods_explain_themselves(
         getattr(rm, method)()
 
 
-def test_bad_inputs_get_clear_errors(
-    server: ServerProcess, models: dict[str, torch.nn.Module]
+@pytest.mark.parametrize("policy", POLICIES)
+def test_bad_inputs_get_clear_errors_before_anything_is_sent(
+    server: ServerProcess, models: dict[str, torch.nn.Module], policy: str
 ) -> None:
-    # under full the call is only queued: the client checks what the server would
-    with RemoteModel(models["gpt2"], server.address) as rm:
+    with RemoteModel(models["gpt2"], server.address, policy=policy) as rm:
+        sent = rm.stats()["bytes_sent"]
         with pytest.raises(UsageError, match="outside the vocabulary"):
             rm(torch.tensor([[VOCAB + 5]]))
         with pytest.raises(UsageError, match="exceed its 256 positions"):
             rm(torch.zeros(1, 300, dtype=torch.long))
-        with pytest.raises(UsageError, match=r"expected \[batch, seq\]"):
+        with pytest.raises(UsageError, match=r"must be \[batch, seq\]"):
             rm(torch.zeros(5, dtype=torch.long))
-        with pytest.raises(UsageError, match="cannot pass output_attentions"):
-            rm(prompt(), output_attentions=True)
+        with pytest.raises(UsageError, match=r"cannot pass token_type_ids.*it takes input_ids"):
+            rm(prompt(), token_type_ids=torch.zeros(1, 12, dtype=torch.long))
         with pytest.raises(UsageError, match="must be integers"):
             rm(torch.zeros(1, 3))
+        with pytest.raises(UsageError, match="0s and 1s"):
+            rm(prompt(), attention_mask=torch.full((1, 12), 2))
+        assert rm.stats()["bytes_sent"] == sent  # refused before sending
         assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)  # still usable
-    # under the others the server answers at once, with the same words
-    with RemoteModel(models["gpt2"], server.address, policy="semantic_blind") as rm:
-        with pytest.raises(RemoteUsageError, match="outside the vocabulary"):
-            rm(torch.tensor([[VOCAB + 5]]))
-        with pytest.raises(RemoteUsageError, match="exceed its 256 positions"):
-            rm(torch.zeros(1, 300, dtype=torch.long))
-        with pytest.raises(RemoteUsageError, match="must be integers"):
-            rm(torch.zeros(1, 3))
+
+
+def test_the_server_makes_the_same_checks(
+    server: ServerProcess, models: dict[str, torch.nn.Module]
+) -> None:
+    with djinn.connect(server.address) as client, RemoteModel(models["gpt2"], client) as rm:
+        for bad, words in (
+            (messages.ForwardOp(input_ids=torch.tensor([[VOCAB + 5]])), "outside the vocabulary"),
+            (
+                messages.ForwardOp(input_ids=prompt(), attention_mask=torch.full((1, 12), 500)),
+                "0s and 1s",
+            ),
+            (
+                messages.ForwardOp(input_ids=prompt(), position_ids=torch.full((1, 12), 10**6)),
+                "position_ids",
+            ),
+        ):
+            forged = messages.Run(rm.session.id, messages.Prelude(ops=[bad]))
+            with pytest.raises(RemoteUsageError, match=words):
+                client.request(forged, messages.Ran)
         assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)
 
 

@@ -107,3 +107,38 @@ def shared_pool() -> BufferPool:
         if not _shared:
             _shared.append(BufferPool())
         return _shared[0]
+
+
+class Share:
+    """One connection's share of a pool: past `cap` bytes in use at once, its frames are
+    refused, so one peer cannot hold the whole receive budget while others wait."""
+
+    def __init__(self, pool: BufferPool, cap: int) -> None:
+        self._pool = pool
+        self._cap = cap
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    def __call__(self, nbytes: int) -> Any:
+        if nbytes < POOL_MIN_BYTES:
+            return bytearray(nbytes)
+        size = _size_class(nbytes)
+        with self._lock:
+            if self.in_use + size > self._cap:
+                raise RemoteProtocolError(
+                    f"cannot accept a buffer of {nbytes} bytes: this connection holds "
+                    f"{self.in_use} bytes of receive buffers, its share is {self._cap}; "
+                    "send smaller frames"
+                )
+            self.in_use += size
+        try:
+            view = self._pool(nbytes)
+        except BaseException:
+            self._give(size)
+            raise
+        weakref.finalize(view, self._give, size)
+        return view
+
+    def _give(self, size: int) -> None:
+        with self._lock:
+            self.in_use -= size

@@ -37,7 +37,8 @@ from typing import Any, Final, NamedTuple
 from djinn.errors import LocalProtocolError, RemoteProtocolError, VersionMismatchError
 
 MAGIC: Final = b"DJNN"
-PROTOCOL_VERSION: Final = 1
+# 2: MessagePack control headers (djinn.messages), CANCEL and STREAM frames.
+PROTOCOL_VERSION: Final = 2
 
 _HEADER = struct.Struct("!4sBBHQII")
 HEADER_SIZE: Final = _HEADER.size  # 24
@@ -62,6 +63,8 @@ class FrameKind(enum.IntEnum):
     REQUEST = 5
     RESPONSE = 6
     ERROR = 7
+    STREAM = 8  # server -> client: a partial result of a running request
+    CANCEL = 9  # client -> server: stop the request with this id
 
 
 _KINDS: Final = (None, *FrameKind)  # wire value -> FrameKind, fast
@@ -72,22 +75,24 @@ class Limits:
     """Upper bounds checked before any allocation.
 
     Defaults: control headers carry method names, shapes and small values,
-    never bulk data, so 16 MiB is generous; 4096 buffers covers the state dict
+    never bulk data (a batch of 256 queued operations is about 30 KiB), so
+    4 MiB is generous; 4096 buffers covers the state dict
     of any model djinn uploads in one chunk and a KV cache of 2048 layers;
     one buffer of 4 GiB holds the largest single weight of a 70B model
     (its 2 GiB bf16 embedding) with room to spare; a frame of 8 GiB bounds
     what one peer can make the other allocate at once.
     """
 
-    max_control: int = 16 * 1024 * 1024
+    max_control: int = 4 * 1024 * 1024
     max_buffers: int = 4096
     max_buffer: int = 4 * 1024**3
     max_frame: int = 8 * 1024**3
 
 
 DEFAULT_LIMITS: Final = Limits()
-# Before a peer has authenticated it may send only tiny control-only frames.
-HANDSHAKE_LIMITS: Final = Limits(max_control=4096, max_buffers=0, max_buffer=0, max_frame=8192)
+# Before a peer has authenticated it may send only tiny control-only frames
+# (the handshake's fixed fields are at most 65 bytes).
+HANDSHAKE_LIMITS: Final = Limits(max_control=128, max_buffers=0, max_buffer=0, max_frame=256)
 
 
 class Frame(NamedTuple):
@@ -222,6 +227,7 @@ class FrameDecoder:
         self._views: list[memoryview] = []
         self._index = 0  # buffer being filled
         self._offset = 0  # bytes of it filled
+        self._payload = 0  # bytes of buffers announced by the frame being read
 
     # -- feeding -------------------------------------------------------------
 
@@ -275,6 +281,12 @@ class FrameDecoder:
     def idle(self) -> bool:
         """True between frames: nothing of a next frame has arrived."""
         return self._state is _State.HEADER and self._lo == self._hi
+
+    @property
+    def payload_bytes(self) -> int:
+        """Buffer bytes the frame being received announced (0 between such frames):
+        what a slow peer holds allocated on this side."""
+        return self._payload if self._state is _State.BUFFERS else 0
 
     # -- parsing -------------------------------------------------------------
 
@@ -338,6 +350,7 @@ class FrameDecoder:
         sizes = struct.unpack_from(f"!{self._count}Q", self._scratch, lo)
         self._lo = lo + _LENGTH.size * self._count
         _check_sizes(sizes, self._control_len, self.limits, RemoteProtocolError)
+        self._payload = sum(sizes)
         self._buffers = [self._allocate(size) for size in sizes]
         self._views = [memoryview(b).cast("B") for b in self._buffers]
         self._index = 0

@@ -1,20 +1,24 @@
-"""The asyncio face of the codec: a thin BufferedProtocol plus flow control.
+"""The server's asyncio face of the codec: a thin BufferedProtocol plus flow control.
 
 `get_buffer` hands the transport the decoder's next destination (header
 scratch space, or the receive buffer of the payload being read), so bulk
 bytes land in their final memory with no copy. `send` writes the encoder's
 buffer list with `writelines`; uvloop keeps references to the memoryviews
 rather than copying what the socket has not taken yet.
+
+A frame that announces payload must deliver it in time: a peer that stops
+halfway would otherwise hold its receive buffers forever. Past
+`frame_deadline(bytes)` the connection is dropped and the buffers go back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
-from djinn.errors import ConnectionLostError, ProtocolError
+from djinn.errors import ConnectionLostError, ProtocolError, RemoteProtocolError
+from djinn.net.core import Counters
 from djinn.net.frame import (
     DEFAULT_LIMITS,
     NEED_DATA,
@@ -27,30 +31,20 @@ from djinn.net.frame import (
 
 # Pause senders while more than this much is queued in the transport; large
 # enough that a 64 MiB payload streams without a pause per socket buffer.
-WRITE_HIGH_WATER = 256 * 1024 * 1024
-WRITE_LOW_WATER = 64 * 1024 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024 * 1024
+# A frame's payload must arrive within FRAME_MIN_S plus its size at FRAME_MIN_RATE:
+# 10 s, and 64 Mb/s, far below any link a GPU server sits on.
+FRAME_MIN_S: Final = 10.0
+FRAME_MIN_RATE: Final = 8e6
 
 
-@dataclass(slots=True)
-class Counters:
-    """Traffic of one connection, as counted on the wire (headers included)."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    frames_sent: int = 0
-    frames_received: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "frames_sent": self.frames_sent,
-            "frames_received": self.frames_received,
-        }
+def frame_deadline(nbytes: int) -> float:
+    return FRAME_MIN_S + nbytes / FRAME_MIN_RATE
 
 
 class Peer(Protocol):
-    """What a FrameProtocol reports to: the client or server side of a connection."""
+    """What a FrameProtocol reports to: the server side of a connection."""
 
     def on_frame(self, frame: Frame) -> None: ...
 
@@ -77,22 +71,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
         what it can make this side hold is bounded."""
         self.decoder = FrameDecoder(allocate, limits)
         self._backpressure = backpressure
-        self.peer_limits = limits
+        self.peer_limits = DEFAULT_LIMITS
         self.counters = Counters()
         self.transport: asyncio.Transport | None = None
         self._peer = peer
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
         self._lost_reason: Exception | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)  # uvloop's is no subclass, but is one
-        self.transport = stream
-        sock = stream.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = stream = no_delay(transport)
         stream.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -109,6 +100,26 @@ class FrameProtocol(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self._lost_reason = self._lost_reason or exc
             self._peer.on_protocol_error(exc)
+            return
+        self._watch_payload()
+
+    def _watch_payload(self) -> None:
+        pending = self.decoder.payload_bytes
+        if pending and self._deadline is None:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(frame_deadline(pending), self._on_deadline, pending)
+        elif not pending and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_deadline(self, pending: int) -> None:
+        self._deadline = None
+        self.abort(
+            RemoteProtocolError(
+                f"cannot receive frame: its {pending}-byte payload did not arrive within "
+                f"{frame_deadline(pending):.0f}s"
+            )
+        )
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -128,17 +139,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.decoder.close()  # a half-received frame's buffers go back at once
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionLostError("cannot send: connection lost"))
         self._peer.on_lost(self._lost_reason or exc)
 
     # -- sending ---------------------------------------------------------------
-
-    @property
-    def paused(self) -> bool:
-        """True while the transport holds more than the high-water mark."""
-        return self._paused
 
     @property
     def is_open(self) -> bool:
@@ -160,14 +168,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.counters.frames_sent += 1
         return size
 
-    async def drain(self) -> None:
-        """Wait until the transport has drained below the low-water mark."""
-        if not self._paused:
-            return
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._drain)
-
     def abort(self, reason: Exception) -> None:
         """Drop the connection at once, recording why."""
         if self._lost_reason is None:
@@ -179,6 +179,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Close after the queued bytes are written."""
         if self.transport is not None:
             self.transport.close()
+
+
+def no_delay(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """The transport with TCP_NODELAY on: small frames leave at once."""
+    stream = cast(asyncio.Transport, transport)  # uvloop's is no subclass, but is one
+    sock = stream.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return stream
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -1,15 +1,10 @@
-"""Policies: for each value an operation reads or writes, send its bytes or a reference.
+"""Policies: which lifecycles cross the wire as data and which stay as references.
 
-Every data-vs-reference rule lives in `Policy.decide`, in this order:
-
-1. Weights are uploaded once and referenced ever after.
-2. A value only the client holds must travel as data.
-3. A small value (at most SMALL_VALUE_BYTES) travels as data, unless it is
-   session state: a reference to an output would cost a later round trip to
-   read it, while session state is only ever passed back, never read.
-4. Otherwise the policy's table decides by lifecycle.
-
-The three built-in tables reproduce Experiment 2.1's remote baselines.
+A policy is a table, lifecycle -> decision, for the values a call makes
+on the server and returns to the caller. What every policy shares (weights
+are referenced once uploaded, what only the client holds must travel, a
+value being read crosses) lives in the planner, not here. The three
+built-in tables reproduce Experiment 2.1's remote baselines.
 """
 
 from __future__ import annotations
@@ -21,11 +16,7 @@ from types import MappingProxyType
 from typing import Final
 
 from djinn.errors import UsageError
-from djinn.semantics.lifecycle import Lifecycle, Phase
-
-# A reference costs a round trip to read later; below this size the bytes
-# are cheaper than that round trip on any link (4 KiB at 1 Gb/s is 33 us).
-SMALL_VALUE_BYTES: Final = 4096
+from djinn.semantics.lifecycle import Lifecycle
 
 
 class Decision(enum.Enum):
@@ -33,34 +24,24 @@ class Decision(enum.Enum):
     REFERENCE = "reference"  # keep it where it is; send a reference
 
 
-@dataclass(frozen=True, slots=True)
-class Value:
-    """One input or output of an operation, as the policy sees it."""
-
-    name: str
-    lifecycle: Lifecycle
-    nbytes: int
-    phase: Phase
-    on_server: bool  # the server holds (or will produce) it
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared (and cached by) identity: tables are not hashable
 class Policy:
+    """`table`: per lifecycle of a value the server makes, its decision and why."""
+
     name: str
-    table: Mapping[Lifecycle, Decision]
+    table: Mapping[Lifecycle, tuple[Decision, str]]
     description: str
 
-    def decide(self, value: Value) -> Decision:
-        if value.lifecycle is Lifecycle.WEIGHT:
-            return Decision.REFERENCE
-        if not value.on_server:
-            return Decision.DATA
-        if value.lifecycle is not Lifecycle.SESSION_STATE and value.nbytes <= SMALL_VALUE_BYTES:
-            return Decision.DATA
-        return self.table[value.lifecycle]
+    def decide(self, lifecycle: Lifecycle) -> tuple[Decision, str]:
+        return self.table[lifecycle]
 
 
 _D, _R = Decision.DATA, Decision.REFERENCE
+_SHIPPED = "the policy ships session state both ways every step"
+_KEPT_STATE = "session state stays on the server; calls pass it back by reference"
+_RETURNED = "the policy returns outputs as data"
+_KEPT_OUTPUT = "kept on the server until user code reads it"
+_UNREAD = "nobody reads it: it stays on the server, dropped with its handle"
 
 POLICIES: Final[Mapping[str, Policy]] = MappingProxyType(
     {
@@ -68,9 +49,9 @@ POLICIES: Final[Mapping[str, Policy]] = MappingProxyType(
             "semantic_blind",
             MappingProxyType(
                 {
-                    Lifecycle.SESSION_STATE: _D,
-                    Lifecycle.ACTIVATION: _D,
-                    Lifecycle.OUTPUT: _D,
+                    Lifecycle.SESSION_STATE: (_D, _SHIPPED),
+                    Lifecycle.ACTIVATION: (_D, "the policy returns every output row as data"),
+                    Lifecycle.OUTPUT: (_D, _RETURNED),
                 }
             ),
             "weights cached; KV cache shipped both ways every step; full logits returned",
@@ -79,9 +60,9 @@ POLICIES: Final[Mapping[str, Policy]] = MappingProxyType(
             "partially_aware",
             MappingProxyType(
                 {
-                    Lifecycle.SESSION_STATE: _D,
-                    Lifecycle.ACTIVATION: _R,
-                    Lifecycle.OUTPUT: _D,
+                    Lifecycle.SESSION_STATE: (_D, _SHIPPED),
+                    Lifecycle.ACTIVATION: (_R, _UNREAD),
+                    Lifecycle.OUTPUT: (_D, _RETURNED),
                 }
             ),
             "weights cached; KV cache shipped both ways every step; last logits row only",
@@ -90,9 +71,9 @@ POLICIES: Final[Mapping[str, Policy]] = MappingProxyType(
             "full",
             MappingProxyType(
                 {
-                    Lifecycle.SESSION_STATE: _R,
-                    Lifecycle.ACTIVATION: _R,
-                    Lifecycle.OUTPUT: _R,
+                    Lifecycle.SESSION_STATE: (_R, _KEPT_STATE),
+                    Lifecycle.ACTIVATION: (_R, _UNREAD),
+                    Lifecycle.OUTPUT: (_R, _KEPT_OUTPUT),
                 }
             ),
             "weights cached; KV cache stays on the server; outputs stay until read",

@@ -1,58 +1,48 @@
-"""The server process: listening socket, shared state, dispatch, shutdown."""
+"""The server process: listening socket, shared state, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import sys
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 import djinn
-from djinn.errors import RemoteUsageError
+from djinn import messages
 from djinn.net.frame import PROTOCOL_VERSION
 from djinn.net.protocol import new_event_loop
 from djinn.server.config import ServerConfig
-from djinn.server.connection import ServerConnection
-from djinn.server.executor import Executor, resolve_device
+from djinn.server.connection import Refusal, ServerConnection
+from djinn.server.device import Device
 from djinn.server.models import ModelStore
 from djinn.server.sessions import Session, SessionRegistry
 
 log = logging.getLogger("djinn.server")
 
-# A handler takes the connection and the call's arguments. A plain function
-# runs inline as the request is decoded (no task, no loop iteration); a
-# coroutine function runs as a task so it can wait for the device.
-Handler = Callable[..., Any]
-
-
-def _arity(fn: Handler) -> tuple[int, int]:
-    """How many arguments a handler takes after the connection: (least, most)."""
-    params = list(inspect.signature(fn).parameters.values())[1:]
-    return sum(p.default is inspect.Parameter.empty for p in params), len(params)
-
 
 class Server:
-    """Shared state of one server: config, device executor, model store, sessions."""
+    """Shared state of one server: config, device, model store, sessions, connections."""
 
-    def __init__(self, config: ServerConfig, handlers: Mapping[str, Handler] | None = None) -> None:
-        from djinn.server.handlers import HANDLERS
-
+    def __init__(self, config: ServerConfig) -> None:
         config.check()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.config = config
-        self.executor = Executor(
-            resolve_device(config.device), config.receive_budget_bytes, config.max_queued
+        self.device = Device(
+            config.device,
+            config.receive_budget_bytes,
+            config.max_queued,
+            batching=config.batching,
+            max_batch=config.max_batch,
+            batch_wait_us=config.batch_wait_us,
         )
-        self.models = ModelStore(config, self.executor)
+        self.models = ModelStore(config, self.device)
         self.sessions = SessionRegistry(config)
         self.sessions.on_close = self._on_session_closed
         self.connections: set[ServerConnection] = set()
-        self._handlers = dict(HANDLERS if handlers is None else handlers)
-        self._arity = {name: _arity(fn) for name, fn in self._handlers.items()}
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.address: tuple[str, int] = (config.host, config.port)
@@ -73,45 +63,39 @@ class Server:
         return self.address
 
     def _accept(self) -> Any:
+        if len(self.connections) >= self.config.max_connections:
+            return Refusal(self.config.max_connections)
         conn = ServerConnection(self)
         self.connections.add(conn)
         return conn.protocol
 
-    def handler(self, method: str, args: tuple[Any, ...]) -> Handler:
-        """The handler for a call, after checking it exists and takes these arguments."""
-        handler = self._handlers.get(method)
-        if handler is None:
-            raise RemoteUsageError(f"cannot call {method!r}: the server has no such method")
-        least, most = self._arity[method]
-        if not least <= len(args) <= most:
-            raise RemoteUsageError(
-                f"cannot call {method}: it takes {least}..{most} arguments, got {len(args)}"
-            )
-        return handler
-
-    def info(self) -> dict[str, Any]:
+    def info(self) -> messages.ServerInfo:
         """Facts a client learns in the handshake."""
-        return {
-            "version": djinn.__version__,
-            "protocol": PROTOCOL_VERSION,
-            "device": str(self.executor.device),
-            "dtype": self.config.dtype,
-            "trust_remote_code": self.config.trust_remote_code,
-        }
+        return messages.ServerInfo(
+            version=djinn.__version__,
+            protocol=PROTOCOL_VERSION,
+            device=str(self.device.device),
+            dtype=self.config.dtype,
+            trust_remote_code=self.config.trust_remote_code,
+        )
 
     def stats(self) -> dict[str, Any]:
+        turn = self.device.turn
         return {
-            **self.info(),
+            "version": djinn.__version__,
+            "device": str(self.device.device),
+            "dtype": self.config.dtype,
             "connections": len(self.connections),
             "sessions": len(self.sessions),
             "models": len(self.models),
             "resident_bytes": self.sessions.resident_bytes,
             "model_bytes": self.models.resident_bytes,
-            "receive_in_use_bytes": self.executor.receive_pool.in_use_bytes,
-            "queued_calls": self.executor.queued,
-            "device_busy_s": self.executor.busy_s,
-            "device_jobs": self.executor.jobs,
-            **self.executor.memory(),
+            "receive_in_use_bytes": self.device.receive_pool.in_use_bytes,
+            "queued_calls": self.device.queued,
+            "device_busy_s": turn.held_s,
+            "device_jobs": self.device.jobs,
+            **self.device.batcher.stats(),
+            **self.device.memory(),
         }
 
     async def close(self) -> None:
@@ -120,11 +104,13 @@ class Server:
             self._listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for conn in list(self.connections):
-            conn.protocol.close()
+        tasks = [task for conn in list(self.connections) for task in conn.close()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         await asyncio.sleep(0)
         self.sessions.close_all()
-        self.executor.shutdown()
+        self.models.close()
+        self.device.shutdown()
 
 
 def serve(config: ServerConfig) -> None:
@@ -147,7 +133,7 @@ async def _serve(config: ServerConfig) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(
         f"djinn server {djinn.__version__} listening on {shown}:{port} "
-        f"(device {server.executor.device}, torch {torch.__version__}, "
+        f"(device {server.device.device}, torch {torch.__version__}, "
         f"auth {'token' if config.token else 'off'}, store {config.store})",
         flush=True,
     )

@@ -107,12 +107,12 @@ def _selection(
     names = ("input", "dim", "index")
     bound = {**dict(zip(names, args, strict=False)), **kwargs}
     source, dim, index = (bound.get(n) for n in names)
+    if not (isinstance(index, torch.Tensor) and index.dtype in _INDEX_DTYPES):
+        return args, kwargs  # no index values to check: torch judges the rest on the host
+    if type(dim) is not int:  # a tensor dim would let the index through unchecked
+        raise RemoteUsageError(f"cannot run {name}: dim must be an int, got {type(dim).__name__}")
     if not (
-        isinstance(source, torch.Tensor)
-        and type(dim) is int
-        and isinstance(index, torch.Tensor)
-        and index.dtype in _INDEX_DTYPES
-        and -max(source.dim(), 1) <= dim < max(source.dim(), 1)
+        isinstance(source, torch.Tensor) and -max(source.dim(), 1) <= dim < max(source.dim(), 1)
     ):
         return args, kwargs
     size = source.shape[dim] if source.dim() else 1

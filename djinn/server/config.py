@@ -11,6 +11,8 @@ from djinn.errors import UsageError
 from djinn.net.frame import DEFAULT_LIMITS, Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("off", "auto", "on")
+GIB = 1024**3
 
 
 def default_store() -> Path:
@@ -30,17 +32,35 @@ class ServerConfig:
     dtype: str = "auto"
     store: Path = field(default_factory=default_store)
     trust_remote_code: bool = False
+    models: tuple[tuple[str, Path], ...] = ()  # (name, folder) held from the start
+    # -- sessions and memory
     session_lease_s: float = 300.0
     max_sessions: int = 256
+    max_sessions_per_connection: int = 64
+    session_quota_bytes: int = 8 * GIB  # server-held tensors of one session
+    session_memory_bytes: int = 32 * GIB  # ... of all sessions together
+    memory_budget_bytes: int = 64 * GIB  # model weights held in memory
+    # -- the network
+    max_connections: int = 512
     max_calls_per_connection: int = 1024
-    max_queued: int = 256  # calls waiting for the device, across connections
-    session_quota_bytes: int = 8 * 1024**3  # server-held tensors of one session
-    session_memory_bytes: int = 32 * 1024**3  # ... of all sessions together
-    memory_budget_bytes: int = 64 * 1024**3  # model weights held in memory
-    receive_budget_bytes: int = 8 * 1024**3  # large receive buffers in use at once
+    receive_budget_bytes: int = 8 * GIB  # large receive buffers in use at once
+    connection_receive_share: float = 0.5  # ... of which one connection may hold
     limits: Limits = DEFAULT_LIMITS
     link_gbps: float | None = None  # emulate a link: pace replies to this bandwidth
     link_latency_s: float = 0.0
+    # -- work
+    max_queued: int = 256  # calls waiting for the device, across connections
+    max_call_s: float = 600.0  # one call's device time, checked between steps and ops
+    max_ops_per_call: int = 4096  # queued operations in one call
+    max_generate_tokens: int = 1 << 20  # batch x beams x new tokens of one generate
+    batching: bool = True
+    max_batch: int = 64  # decode rows in one batched forward
+    batch_wait_us: int = 0  # how long a lone decode step waits for company
+    prefill_chunk: int = 512  # prompt tokens per device turn; longer prompts take several
+    compile: str = "off"
+    max_context: int = 2048  # tokens of a compiled decode step's static cache
+    threads: int | None = None  # torch threads; None leaves torch's default
+    metrics_port: int | None = None
 
     def check(self) -> None:
         """Raise UsageError for settings the server must not start with."""
@@ -53,6 +73,8 @@ class ServerConfig:
             raise UsageError(f"cannot listen on port {self.port}: ports run from 0 to 65535")
         if self.dtype not in DTYPES:
             raise UsageError(f"cannot use dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.compile not in COMPILE_MODES:
+            raise UsageError(f"cannot use --compile {self.compile!r}: choose off, auto or on")
         if self.trust_remote_code and not self.token:
             raise UsageError(
                 "cannot run client code unauthenticated: --trust-remote-code needs --token "
@@ -60,8 +82,24 @@ class ServerConfig:
             )
         if self.link_gbps is not None and (self.link_gbps <= 0 or self.link_latency_s < 0):
             raise UsageError("cannot emulate a link: --link-gbps must be > 0, latency >= 0")
-        if self.session_lease_s <= 0 or self.max_sessions <= 0:
-            raise UsageError("cannot start: --session-lease and --max-sessions must be positive")
+        positive = {
+            "--session-lease": self.session_lease_s,
+            "--max-sessions": self.max_sessions,
+            "--max-connections": self.max_connections,
+            "--max-call-seconds": self.max_call_s,
+            "--max-batch": self.max_batch,
+            "--max-queued": self.max_queued,
+            "--prefill-chunk": self.prefill_chunk,
+            "--max-context": self.max_context,
+        }
+        for flag, value in positive.items():
+            if not value > 0:
+                raise UsageError(f"cannot start: {flag} must be positive, got {value}")
+        if self.batch_wait_us < 0:
+            raise UsageError("cannot start: --batch-wait-us must be >= 0")
+        names = [name for name, _ in self.models]
+        if len(set(names)) != len(names):
+            raise UsageError(f"cannot start: --model names must differ, got {names}")
 
 
 def is_loopback(host: str) -> bool:

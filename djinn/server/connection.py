@@ -1,9 +1,12 @@
-"""One client connection on the server: handshake, then requests dispatched as tasks.
+"""One client connection on the server: the handshake, then requests dispatched.
 
-Requests run concurrently and answer in whatever order they finish, so a
-slow call never holds up a fast one. A peer that breaks the protocol gets
-an ERROR frame and a closed connection; nothing it sends reaches another
-connection. When the connection ends, its sessions are freed.
+Until the handshake is done the peer may send only tiny fixed-layout frames
+(djinn.net.handshake). After it, each REQUEST is decoded into a typed
+message and handed to its handler; handlers that wait for the device run
+as tasks and answer in whatever order they finish. A CANCEL stops the
+request it names; a dropped connection stops all of its requests and
+frees its sessions. A peer that breaks the framing gets an ERROR frame and
+a closed connection; a request that fails to decode gets an error reply.
 """
 
 from __future__ import annotations
@@ -11,66 +14,63 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import traceback
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from djinn import messages
 from djinn.errors import (
-    AUTH_CODE,
-    PROTOCOL_CODE,
-    VERSION_CODE,
+    AuthenticationError,
     ProtocolError,
     RemoteProtocolError,
-    RemoteUsageError,
     ServerBusyError,
-    ServerError,
-    UsageError,
-    VersionMismatchError,
+    to_wire,
 )
-from djinn.net import handshake, payload
-from djinn.net.frame import DEFAULT_LIMITS, HANDSHAKE_LIMITS, Frame, FrameKind, wire_size
+from djinn.net import codec, handshake
+from djinn.net.buffers import Share
+from djinn.net.frame import HANDSHAKE_LIMITS, Frame, FrameKind, encode_frame, wire_size
 from djinn.net.link import Link
 from djinn.net.protocol import FrameProtocol
+from djinn.server.device import Job
+from djinn.server.dispatch import HANDLERS, Call, Owner
 from djinn.server.inference import OpFailed
 
 if TYPE_CHECKING:
-    from djinn.server.app import Handler, Server
-    from djinn.server.models import Upload
-    from djinn.server.sessions import Session
+    from djinn.server.app import Server
 
 log = logging.getLogger("djinn.server")
+REQUEST: Any = messages.Request  # a union: what codec.decode takes as the kind
 
 
 class ServerConnection:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.protocol = FrameProtocol(
-            self, server.executor.allocate, HANDSHAKE_LIMITS, backpressure=True
-        )
-        self.protocol.peer_limits = DEFAULT_LIMITS
-        self.peer = "?"
-        self.sessions: dict[str, Session] = {}
-        self.uploads: dict[str, Upload] = {}
-        self._ready = False
-        self._client_nonce = b""
-        self._server_nonce = b""
-        self._tasks: set[asyncio.Task[None]] = set()
         config = server.config
+        share = Share(
+            server.device.receive_pool,
+            int(config.receive_budget_bytes * config.connection_receive_share),
+        )
+        self.protocol = FrameProtocol(self, share, HANDSHAKE_LIMITS, backpressure=True)
+        self.owner = Owner(peer="?")
+        self._shake = handshake.ServerHandshake(config.token, server.info())
+        self._running: dict[int, tuple[asyncio.Task[None], Job]] = {}
         self._link = Link(config.link_gbps, config.link_latency_s) if config.link_gbps else None
-        self._timer = asyncio.get_running_loop().call_later(
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(
             handshake.HANDSHAKE_TIMEOUT_S, self._on_handshake_timeout
         )
+
+    @property
+    def peer(self) -> str:
+        return self.owner.peer
 
     # -- Peer interface ----------------------------------------------------------
 
     def on_frame(self, frame: Frame) -> None:
-        if self._ready and frame.kind is FrameKind.REQUEST:
+        if not self._shake.ready:
+            self._on_handshake(frame)
+        elif frame.kind is FrameKind.REQUEST:
             self._on_request(frame)
-        elif not self._ready and frame.kind is FrameKind.HELLO and not self._client_nonce:
-            self._on_hello(frame)
-        elif not self._ready and frame.kind is FrameKind.AUTH and self._client_nonce:
-            self._on_auth(frame)
+        elif frame.kind is FrameKind.CANCEL:
+            self._cancel(frame.request_id, "cancelled by the client")
         else:
             self.on_protocol_error(
                 RemoteProtocolError(f"cannot accept frame: unexpected {frame.kind.name} frame")
@@ -78,120 +78,108 @@ class ServerConnection:
 
     def on_protocol_error(self, exc: ProtocolError) -> None:
         log.warning("%s: protocol error: %s", self.peer, exc)
-        code = VERSION_CODE if isinstance(exc, VersionMismatchError) else PROTOCOL_CODE
-        self._send_error(0, exc, code=code)
+        self._send_error(handshake.HANDSHAKE_ID, exc)
         self.protocol.close()
 
     def on_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for session in list(self.sessions.values()):
+        for request_id in list(self._running):
+            self._cancel(request_id, "the connection closed")
+        for session in list(self.owner.sessions.values()):
             self.server.sessions.close(session, reason="connection closed")
-        self.server.models.abandon(self.uploads)
+        self.server.models.abandon(self.owner)
         self.server.connections.discard(self)
         log.info("%s: disconnected%s", self.peer, f" ({exc})" if exc else "")
 
     # -- handshake -----------------------------------------------------------------
 
-    def _on_hello(self, frame: Frame) -> None:
-        hello = self._decode_handshake(frame)
-        if hello is None:
-            return
-        self.peer = _peer_name(self.protocol)
-        self._client_nonce = hello["nonce"]
-        self._server_nonce = handshake.new_nonce()
-        token = self.server.config.token
-        proof = (
-            handshake.proof(token, "server", self._client_nonce, self._server_nonce)
-            if token
-            else None
-        )
-        reply = {"nonce": self._server_nonce, "auth": token is not None, "proof": proof}
-        self._send(Frame(FrameKind.CHALLENGE, 0, payload.dumps(reply)[0]))
-
-    def _on_auth(self, frame: Frame) -> None:
-        auth = self._decode_handshake(frame, field="proof")
-        if auth is None:
-            return
-        token = self.server.config.token
-        if token and not handshake.check(
-            token, "client", self._client_nonce, self._server_nonce, auth["proof"]
-        ):
-            log.warning("%s: authentication failed", self.peer)
-            self._send_error(
-                0, UsageError("cannot authenticate: wrong or missing token"), AUTH_CODE
-            )
+    def _on_handshake(self, frame: Frame) -> None:
+        if frame.kind is FrameKind.HELLO:
+            self.owner.peer = _peer_name(self.protocol)
+        try:
+            reply = self._shake.receive(frame)
+        except (RemoteProtocolError, AuthenticationError) as exc:
+            log.warning("%s: handshake failed: %s", self.peer, exc)
+            self._send_error(handshake.HANDSHAKE_ID, exc)
             self.protocol.close()
             return
-        self._timer.cancel()
-        self._ready = True
-        self.protocol.decoder.limits = self.server.config.limits
-        self._send(Frame(FrameKind.WELCOME, 0, payload.dumps({"server": self.server.info()})[0]))
-        log.info("%s: connected", self.peer)
-
-    def _decode_handshake(self, frame: Frame, field: str = "nonce") -> dict[str, Any] | None:
-        try:
-            message = payload.loads(frame.control, frame.buffers)
-        except RemoteProtocolError as exc:
-            self.on_protocol_error(exc)
-            return None
-        if (
-            not isinstance(message, dict)
-            or field not in message
-            or (field == "nonce" and not handshake.is_nonce(message["nonce"]))
-        ):
-            self.on_protocol_error(
-                RemoteProtocolError(f"cannot accept {frame.kind.name}: malformed handshake")
-            )
-            return None
-        return message
+        self._send(reply)
+        if self._shake.ready:
+            self._timer.cancel()
+            self.protocol.decoder.limits = self.server.config.limits
+            log.info("%s: connected", self.peer)
 
     def _on_handshake_timeout(self) -> None:
-        if not self._ready:
+        if not self._shake.ready:
             log.warning("%s: no handshake within %gs", self.peer, handshake.HANDSHAKE_TIMEOUT_S)
             self.protocol.abort(RemoteProtocolError("handshake timed out"))
 
     # -- requests --------------------------------------------------------------------
 
     def _on_request(self, frame: Frame) -> None:
+        request_id = frame.request_id
         try:
-            request = payload.loads(frame.control, frame.buffers)
-            if (
-                not isinstance(request, tuple)
-                or len(request) != 2
-                or not isinstance(request[0], str)
-                or not isinstance(request[1], tuple)
-            ):
-                raise RemoteProtocolError("cannot accept request: expected (method, args)")
-            method, args = request
-            handler = self.server.handler(method, args)
+            message: messages.Message = codec.decode(frame.control, frame.buffers, REQUEST)
+            handler = HANDLERS[type(message)]
+            call = Call(
+                self.server,
+                self.owner,
+                request_id,
+                Job(type(message).__name__.lower(), self.server.config.max_call_s),
+                lambda msg: self._stream(request_id, msg),
+            )
             if not inspect.iscoroutinefunction(handler):
-                self._reply(frame.request_id, handler(self, *args))
+                self._reply(request_id, handler(call, message))
                 return
-            if len(self._tasks) >= self.server.config.max_calls_per_connection:
+            if len(self._running) >= self.server.config.max_calls_per_connection:
                 raise ServerBusyError(
-                    f"cannot accept call: {len(self._tasks)} calls already in flight on "
+                    f"cannot accept call: {len(self._running)} calls already in flight on "
                     "this connection; wait for some to finish"
                 )
+            if request_id in self._running:
+                raise RemoteProtocolError(f"cannot accept call: request id {request_id} is in use")
         except Exception as exc:
-            self._send_error(frame.request_id, exc)
+            self._send_error(request_id, exc)
             return
-        task = asyncio.get_running_loop().create_task(self._serve(frame.request_id, handler, args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._loop.create_task(self._serve(call, handler, message))
+        self._running[request_id] = (task, call.job)
+        task.add_done_callback(lambda _: self._running.pop(request_id, None))
 
-    async def _serve(self, request_id: int, handler: Handler, args: tuple[Any, ...]) -> None:
+    async def _serve(self, call: Call, handler: Any, message: messages.Message) -> None:
         try:
-            self._reply(request_id, await handler(self, *args))
+            self._reply(call.request_id, await handler(call, message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._send_error(request_id, exc)
+            self._send_error(call.request_id, exc)
 
-    def _reply(self, request_id: int, result: Any) -> None:
+    def _cancel(self, request_id: int, reason: str) -> None:
+        entry = self._running.get(request_id)
+        if entry is not None:
+            # the device thread stops at the job's next step, and the call ends then,
+            # releasing its session: a call that ended at once could leave the job
+            # still running on the session's state while the next call starts
+            entry[1].cancel(reason)
+
+    def close(self) -> list[asyncio.Task[None]]:
+        """The server is shutting down: stop every call and close; returns the calls' tasks."""
+        tasks = []
+        for task, job in list(self._running.values()):
+            job.cancel("the server is shutting down")
+            task.cancel()
+            tasks.append(task)
+        self.protocol.close()
+        return tasks
+
+    def _stream(self, request_id: int, message: messages.Message) -> None:
+        """From a device thread: send a STREAM frame for a running request."""
+        control, buffers = codec.encode(message)
+        frame = Frame(FrameKind.STREAM, request_id, control, buffers)
+        self._loop.call_soon_threadsafe(self._send, frame)
+
+    def _reply(self, request_id: int, reply: messages.Message) -> None:
         try:
-            control, buffers = payload.dumps(result)
+            control, buffers = codec.encode(reply)
         except Exception as exc:
             self._send_error(request_id, exc)
             return
@@ -199,9 +187,7 @@ class ServerConnection:
 
     def _send(self, frame: Frame) -> None:
         if self._link is not None:
-            size = wire_size(frame)
-            loop = asyncio.get_running_loop()
-            loop.call_later(self._link.delay(size), self._send_now, frame)
+            self._loop.call_later(self._link.delay(wire_size(frame)), self._send_now, frame)
         else:
             self._send_now(frame)
 
@@ -209,42 +195,33 @@ class ServerConnection:
         if self.protocol.is_open:
             self.protocol.send(frame)
 
-    def _send_error(self, request_id: int, exc: BaseException, code: str | None = None) -> None:
+    def _send_error(self, request_id: int, exc: BaseException) -> None:
         op = exc.index if isinstance(exc, OpFailed) else None
-        message, remote_type, trace = str(exc), type(exc).__name__, ""
         if isinstance(exc, OpFailed):
-            remote_type = type(exc.cause).__name__
-            code, trace = _classify(exc.cause)
-            if code == ServerError.code and isinstance(exc.cause, _USER_MISTAKES):
-                code, trace = RemoteUsageError.code, ""  # torch refusing the user's shapes
-        elif code is None:
-            code, trace = _classify(exc)
-        if isinstance(exc, ServerError):
-            message = exc.args[0] if exc.args else ""
-        body = {"code": code, "message": message, "type": remote_type, "traceback": trace, "op": op}
-        try:
-            self._send(Frame(FrameKind.ERROR, request_id, payload.dumps(body)[0]))
-        except ProtocolError:  # the message itself is too large: send its head
-            body["message"], body["traceback"] = message[:4096], ""
-            self._send(Frame(FrameKind.ERROR, request_id, payload.dumps(body)[0]))
+            code, message, kind = to_wire(exc.cause, user_code=True)
+            message = f"cannot run {exc.name}: {message}"
+        else:
+            code, message, kind = to_wire(exc)
+        failure = messages.Failure(code, message[:4096], kind, op)
+        self._send(Frame(FrameKind.ERROR, request_id, codec.encode(failure)[0]))
 
 
-# What torch raises for a wrong shape, dtype or index in a user's operation.
-_USER_MISTAKES = (RuntimeError, TypeError, ValueError, IndexError)
+class Refusal(asyncio.Protocol):
+    """What a connection past --max-connections gets: an ERROR frame, then a close."""
 
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
 
-def _classify(exc: BaseException) -> tuple[str, str]:
-    """The wire code of an exception raised while serving, and its traceback if unexpected."""
-    if isinstance(exc, ServerError):
-        return exc.code, ""
-    if isinstance(exc, UsageError):
-        return RemoteUsageError.code, ""
-    if isinstance(exc, ProtocolError):
-        return PROTOCOL_CODE, ""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "device_oom", ""
-    log.exception("unexpected error while serving a call", exc_info=exc)
-    return ServerError.code, "".join(traceback.format_exception(exc))
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        busy = ServerBusyError(
+            f"cannot connect: the server holds its maximum of {self._limit} connections "
+            "(--max-connections); retry later"
+        )
+        code, message, kind = to_wire(busy)
+        control, _ = codec.encode(messages.Failure(code, message, kind))
+        frame = Frame(FrameKind.ERROR, handshake.HANDSHAKE_ID, control)
+        transport.write(b"".join(encode_frame(frame)))  # type: ignore[attr-defined]
+        transport.close()
 
 
 def _peer_name(protocol: FrameProtocol) -> str:

@@ -1,216 +1,42 @@
-"""Model work as the device thread runs it: checked inputs in, host-ready results out.
+"""A session's queued work as the device runs it: operations, forward passes, module calls.
 
-Nothing here touches sessions or the network; the handlers do that on the
-event loop with what these functions return.
+`run_ops` runs one call's prelude on a worker thread holding the device's
+turn: each operation is checked (allowlist, indices, sizes against the
+quota from its meta shapes) before it allocates anything, then run, and
+its results kept under the ids the client chose. Results nobody holds any
+more are freed after their last use in the batch. Between operations the
+job yields the turn if others wait. Nothing here touches the network;
+the dispatcher commits the batch to the session on the event loop.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import torch
 
+from djinn import messages, ops
 from djinn.errors import RemoteUsageError
-from djinn.generation import GenerationParams, generate
-from djinn.kvcache import Layers, cache_from_layers, cache_layers, cache_length
-from djinn.net.payload import Ref
-from djinn.ops import lookup
+from djinn.kvcache import cache_from_layers, cache_layers, cache_length
+from djinn.messages import CallOp, ForwardOp, TensorOp
+from djinn.modelfacts import check_labels, check_mask, check_positions
+from djinn.net.codec import Ref
+from djinn.server.batching import Step, batchable
 from djinn.server.bounds import Deferred, guard, within
-from djinn.server.executor import Executor
+from djinn.server.device import Device, Job
 from djinn.server.models import LoadedModel
 from djinn.server.sessions import Session
 from djinn.tree import map_tree
-
-LOGITS_MODES = ("all", "last", "ref", "none")
-CACHE_MODES = ("data", "ref", "none")
-
-
-@dataclass
-class ForwardResult:
-    logits: torch.Tensor | None  # on the host (all/last) or the device (ref)
-    cache: Any  # the transformers cache object, on the device
-    cache_data: Layers | None  # on the host, when asked
-    cache_len: int
-
-
-def resolve_cache(session: Session, cache: Any) -> Any:
-    """A forward's cache argument: a held cache object, host (k, v) pairs, or None."""
-    if isinstance(cache, Ref):
-        held = session.get(cache)
-        if not hasattr(held, "get_seq_length"):
-            raise RemoteUsageError(f"cannot run the model: reference {cache.id} is not a KV cache")
-        return held
-    if isinstance(cache, list):
-        if not all(
-            isinstance(p, tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p)
-            for p in cache
-        ):
-            raise RemoteUsageError("cannot run the model: cache must be a list of (keys, values)")
-        return cache
-    if cache is not None:
-        raise RemoteUsageError("cannot run the model: cache must be a reference, layers, or None")
-    return None
-
-
-def check_ids(
-    model: LoadedModel, ids: torch.Tensor, cached: int, deferred: Deferred | None = None
-) -> torch.Tensor:
-    """Ids the model can index with: an out-of-vocabulary id would be a device-side
-    assert on CUDA, which ends every session on the device.
-
-    Ids from the wire are checked at once. Ids a queued operation made (a
-    queued argmax, on the device) are not read here, which would synchronize
-    the device every step: when `deferred` is given, any bad one is replaced
-    by id 0 where it lies and flagged there (see djinn.server.bounds).
-    """
-    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-        raise RemoteUsageError(
-            f"cannot run the model: input_ids must be [batch, seq], got {list(ids.shape)}"
-        )
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise RemoteUsageError(f"cannot run the model: input_ids must be integers, got {ids.dtype}")
-    vocab = model.vocab
-    if deferred is None:
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            raise OutOfVocabulary(vocab, high if high >= vocab else low)
-    else:
-        ids = within(ids, 0, vocab, OutOfVocabulary(vocab), deferred)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cached + ids.shape[1] > limit:
-        raise RemoteUsageError(
-            f"cannot run the model: {cached} cached + {ids.shape[1]} new tokens exceed "
-            f"its {limit} positions"
-        )
-    return ids
-
-
-class OutOfVocabulary(RemoteUsageError):
-    def __init__(self, vocab: int, token: int | None = None) -> None:
-        which = f"token {token}" if token is not None else "a token"
-        super().__init__(
-            f"cannot run the model: input_ids holds {which}, outside the vocabulary [0, {vocab})"
-        )
-
-
-def forward(
-    executor: Executor,
-    model: LoadedModel,
-    input_ids: torch.Tensor,
-    cache: Any,
-    attention_mask: torch.Tensor | None,
-    logits_mode: str,
-    cache_mode: str,
-    deferred: Deferred | None = None,
-) -> ForwardResult:
-    """One model call. `cache` is a cache object, a list of host (k, v) pairs, or None.
-    `deferred` collects vocabulary checks left for later (see check_ids)."""
-    if isinstance(cache, list):
-        cache = cache_from_layers(
-            [(executor.to_device(k), executor.to_device(v)) for k, v in cache], model.config
-        )
-    cached = cache_length(cache)
-    input_ids = check_ids(model, input_ids, cached, deferred)
-    if attention_mask is not None and tuple(attention_mask.shape) != (
-        input_ids.shape[0],
-        cached + input_ids.shape[1],
-    ):
-        expected = [input_ids.shape[0], cached + input_ids.shape[1]]
-        raise RemoteUsageError(
-            f"cannot run the model: attention_mask must be [batch, cached + new] = "
-            f"{expected}, got {list(attention_mask.shape)}"
-        )
-    kwargs: dict[str, Any] = {"use_cache": cache_mode != "none"}
-    if model.cache_arg is not None and cache is not None:
-        kwargs[model.cache_arg] = cache
-    if attention_mask is not None:
-        kwargs["attention_mask"] = executor.to_device(attention_mask)
-    out = model.module(input_ids=executor.to_device(input_ids), **kwargs)
-    logits = out.logits
-    cache_out = (
-        getattr(out, model.cache_arg, None) if model.cache_arg and cache_mode != "none" else None
-    )
-    if logits_mode == "all":
-        logits = executor.to_host(logits)
-    elif logits_mode == "last":
-        logits = executor.to_host(logits[:, -1:])
-    elif logits_mode == "none":
-        logits = None
-    cache_data = None
-    if cache_mode == "data" and cache_out is not None:
-        cache_data = [
-            (executor.to_host(k), executor.to_host(v)) for k, v in cache_layers(cache_out)
-        ]
-    return ForwardResult(logits, cache_out, cache_data, cache_length(cache_out))
-
-
-def run_generate(
-    executor: Executor,
-    model: LoadedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    params: GenerationParams,
-) -> torch.Tensor:
-    """A whole generation on the device; returns the new tokens on the host."""
-    check_ids(model, input_ids, 0)
-    params.check_pad(model.vocab)  # a forged request: the client checked it too
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and input_ids.shape[1] + params.max_new_tokens > limit:
-        raise RemoteUsageError(
-            f"cannot generate: {input_ids.shape[1]} prompt + {params.max_new_tokens} new tokens "
-            f"exceed the model's {limit} positions"
-        )
-    ids = executor.to_device(input_ids).long()
-    mask = executor.to_device(attention_mask) if attention_mask is not None else None
-
-    def step(tokens: torch.Tensor, cache: Any, m: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        kwargs: dict[str, Any] = {"use_cache": True}
-        if model.cache_arg is not None and cache is not None:
-            kwargs[model.cache_arg] = cache
-        if m is not None:
-            kwargs["attention_mask"] = m
-        out = model.module(input_ids=tokens, **kwargs)
-        return out.logits[:, -1, :], getattr(out, model.cache_arg) if model.cache_arg else None
-
-    tokens = generate(step, ids, params, mask)
-    return executor.to_host(tokens[:, input_ids.shape[1] :])
-
-
-def call_module(
-    executor: Executor,
-    model: LoadedModel,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    keep_over: int,
-    ref_ids: list[int],
-) -> tuple[Any, dict[int, torch.Tensor]]:
-    """Run a plain module. Output tensors over `keep_over` bytes stay on the device under
-    the given reference ids (while ids last); the rest come back on the host."""
-    to_device = lambda x: executor.to_device(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
-    out = model.module(*map_tree(args, to_device), **map_tree(kwargs, to_device))
-    kept: dict[int, torch.Tensor] = {}
-    ids = iter(ref_ids)
-
-    def leaf(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if value.nbytes > keep_over:
-            ref_id = next(ids, None)
-            if ref_id is not None:
-                kept[ref_id] = value
-                return Ref(ref_id)
-        return executor.to_host(value)
-
-    return map_tree(out, leaf), kept
 
 
 class OpFailed(Exception):
     """Operation `index` of a queued batch raised `cause`; the batch stopped there."""
 
     def __init__(self, index: int, name: str, cause: BaseException, done: Batch) -> None:
-        super().__init__(f"cannot run {name}: {type(cause).__name__}: {cause}")
+        super().__init__(f"cannot run {name}: {cause}")
         self.index = index
         self.name = name
         self.cause = cause
@@ -220,10 +46,196 @@ class OpFailed(Exception):
 @dataclass
 class Batch:
     produced: dict[int, Any] = field(default_factory=dict)  # new reference id -> value
-    grown: list[Ref] = field(default_factory=list)  # held caches that grew in place
-    # op index -> (output structure with Refs, {id: (shape, dtype)})
-    described: dict[int, Any] = field(default_factory=dict)
-    fetched: dict[int, torch.Tensor] = field(default_factory=dict)  # id -> value on the host
+    grown: list[int] = field(default_factory=list)  # held caches that grew in place
+    described: dict[int, messages.Described] = field(default_factory=dict)  # by op index
+    values: dict[int, Any] = field(default_factory=dict)  # fetched, on the host
+    nbytes: int = 0  # bytes of the values produced and still held
+
+
+@dataclass
+class Context:
+    """What the operations of one call run against."""
+
+    job: Job
+    device: Device
+    session: Session
+    server_ids: Iterator[int]
+    batch: Batch
+    deferred: Deferred
+    prefill_chunk: int
+
+    def resolve(self, value: Any) -> Any:
+        if type(value) is Ref:
+            produced = self.batch.produced
+            return produced[value.id] if value.id in produced else self.session.get(value.id)
+        if isinstance(value, torch.Tensor):
+            return self.device.to_device(value)
+        return value
+
+    def keep(self, ref_id: int, value: Any, nbytes: int) -> None:
+        self.batch.produced[ref_id] = value
+        self.batch.nbytes += nbytes
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        self.session.reserve(self.batch.nbytes + nbytes, what)
+
+
+def run_ops(
+    job: Job,
+    device: Device,
+    session: Session,
+    prelude: messages.Prelude,
+    server_ids: Iterator[int],
+    prefill_chunk: int,
+) -> Batch:
+    """Run a call's queued operations in order, then bring the fetched values to the host.
+
+    Raises OpFailed at the first failing operation (what ran before it is kept),
+    LostReferenceError for a fetch of a value the session does not hold.
+    """
+    ctx = Context(job, device, session, server_ids, Batch(), Deferred(), prefill_chunk)
+    last_use = _last_uses(prelude)
+    made_before: list[int] = []  # per operation: how many values the batch had made before it
+    for index, op in enumerate(prelude.ops):
+        made_before.append(len(ctx.batch.produced))
+        name = op.name if isinstance(op, TensorOp) else type(op).__name__.removesuffix("Op").lower()
+        ctx.deferred.at(index, name)
+        try:
+            if isinstance(op, TensorOp):
+                _run_tensor_op(ctx, index, op)
+            elif isinstance(op, ForwardOp):
+                _run_forward(ctx, index, op)
+            else:
+                _run_call(ctx, index, op)
+            for ref_id in last_use.get(index, ()):
+                _drop(ctx.batch, ref_id)
+            device.pause(job)
+        except Exception as exc:
+            raise OpFailed(index, name, exc, ctx.batch) from exc
+    failure = ctx.deferred.first_failure()  # the batch's one synchronization for these
+    if failure is not None:
+        # the batch ran on with safe values in place of bad ones: what the failed operation
+        # and those after it made is not kept (held caches they grew count as grown)
+        index = failure[0]
+        kept = dict(itertools.islice(ctx.batch.produced.items(), made_before[index]))
+        raise OpFailed(*failure, Batch(produced=kept, grown=ctx.batch.grown))
+    for fetch in prelude.fetch:
+        value = ctx.resolve(Ref(fetch.ref))
+        ctx.batch.values[fetch.ref] = _to_host(device, value, fetch.form)
+    return ctx.batch
+
+
+def _last_uses(prelude: messages.Prelude) -> dict[int, list[int]]:
+    """For each released reference the batch makes and nobody fetches: the index of
+    the last operation that reads it, after which it can go."""
+    made = {i for op in prelude.ops for i in _outputs(op)}
+    doomed = (set(prelude.released) & made) - {f.ref for f in prelude.fetch}
+    last: dict[int, int] = {
+        ref_id: index
+        for index, op in enumerate(prelude.ops)
+        for ref_id in _outputs(op)
+        if ref_id in doomed
+    }
+    for index, op in enumerate(prelude.ops):
+        for ref_id in _inputs(op):
+            if ref_id in last:
+                last[ref_id] = index
+    by_op: dict[int, list[int]] = {}
+    for ref_id, index in last.items():
+        by_op.setdefault(index, []).append(ref_id)
+    return by_op
+
+
+def _outputs(op: messages.Op) -> list[int]:
+    if isinstance(op, TensorOp):
+        return list(op.out)
+    if isinstance(op, ForwardOp):
+        return [i for i in (op.out_logits, op.out_cache, op.out_loss) if i]
+    return []
+
+
+def _inputs(op: messages.Op) -> list[int]:
+    found: list[int] = []
+
+    def visit(value: Any) -> Any:
+        if type(value) is Ref:
+            found.append(value.id)
+        return value
+
+    if isinstance(op, ForwardOp):
+        fields = (
+            op.input_ids,
+            op.attention_mask,
+            op.position_ids,
+            op.inputs_embeds,
+            op.labels,
+            op.cache,
+        )
+        map_tree(fields, visit)
+    else:
+        map_tree((op.args, op.kwargs), visit)
+    return found
+
+
+def _drop(batch: Batch, ref_id: int) -> None:
+    value = batch.produced.pop(ref_id, None)
+    if isinstance(value, torch.Tensor):
+        batch.nbytes -= value.untyped_storage().nbytes()
+
+
+def _to_host(device: Device, value: Any, form: str) -> Any:
+    if form == "cache":
+        if not hasattr(value, "get_seq_length"):
+            raise RemoteUsageError("cannot fetch: the reference is not a KV cache")
+        return [(device.to_host(k), device.to_host(v)) for k, v in cache_layers(value)]
+    if not isinstance(value, torch.Tensor):
+        raise RemoteUsageError("cannot fetch: the reference is not a tensor")
+    return device.to_host(value)
+
+
+# -- tensor operations ----------------------------------------------------------------------
+
+
+def _run_tensor_op(ctx: Context, index: int, op: TensorOp) -> None:
+    fn = ops.lookup(op.name)
+    if fn is None:
+        raise RemoteUsageError(f"{op.name!r} is not an operation a RemoteTensor may run")
+    if "out" in op.kwargs:
+        raise RemoteUsageError(f"cannot run {op.name} with out=: results are always new tensors")
+    args, kwargs = map_tree((op.args, op.kwargs), ctx.resolve)
+    args, kwargs = guard(op.name, args, kwargs, ctx.deferred)
+    nbytes = output_bytes(op.name, fn, args, kwargs)
+    ctx.reserve(nbytes, f"run {op.name}")
+    result = fn(*args, **kwargs)
+    tensors = [leaf for leaf in _leaves(result) if isinstance(leaf, torch.Tensor)]
+    if op.describe:
+        ids: Iterator[int] = ctx.server_ids
+    elif len(tensors) != len(op.out):
+        raise RemoteUsageError(f"{op.name} made {len(tensors)} tensors, expected {len(op.out)}")
+    else:
+        ids = iter(op.out)
+    structure, metas = _store(ctx, result, ids, nbytes)
+    if op.describe:
+        ctx.batch.described[index] = messages.Described(structure, metas)
+
+
+def _store(
+    ctx: Context, result: Any, ids: Iterator[int], nbytes: int
+) -> tuple[Any, dict[int, messages.TensorMeta]]:
+    metas: dict[int, messages.TensorMeta] = {}
+    first = [True]
+
+    def store(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        ref_id = next(ids)
+        ctx.keep(ref_id, leaf, nbytes if first[0] else 0)  # the op's bytes, counted once
+        first[0] = False
+        metas[ref_id] = messages.TensorMeta(list(leaf.shape), _dtype_name(leaf.dtype))
+        return Ref(ref_id)
+
+    structure = map_tree(tuple(result) if isinstance(result, tuple) else result, store)
+    return structure, metas
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -232,108 +244,307 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-def run_ops(
-    executor: Executor, session: Session, ops: list[Any], fetch: list[int] | None = None
-) -> Batch:
-    """Run a client's queued operations in order, then bring the `fetch` values to the
-    host. Raises OpFailed at the first failing operation, LostReferenceError for a
-    fetch of a value the session does not hold."""
-    batch = Batch()
-    deferred = Deferred()
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    def resolve(value: Any) -> Any:
-        if isinstance(value, Ref):
-            return batch.produced[value.id] if value.id in batch.produced else session.get(value)
+
+# Bytes of new storage an operation makes, by its arguments' shapes: a decode
+# loop asks the same questions every step.
+_OUTPUT_BYTES: dict[Any, int] = {}
+_OUTPUT_BYTES_LIMIT: Final = 4096
+
+
+def output_bytes(name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> int:
+    """New storage the operation will allocate, from a run on meta tensors: views
+    of an input cost nothing. Where meta cannot tell (a boolean mask's selection),
+    the inputs' size bounds it."""
+    key = (name, _signature(args), _signature(kwargs))
+    known = _OUTPUT_BYTES.get(key)
+    if known is not None:
+        return known
+    metas: list[torch.Tensor] = []
+
+    def to_meta(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return executor.to_device(value)
+            meta = torch.empty_strided(
+                value.shape, value.stride(), dtype=value.dtype, device="meta"
+            )
+            metas.append(meta)
+            return meta
         return value
 
-    made_before: list[int] = []  # per operation: how many values the batch had made before it
-    for index, op in enumerate(ops):
-        made_before.append(len(batch.produced))
-        name = op[1] if isinstance(op, tuple) and len(op) > 1 and op[0] == "op" else "forward"
-        name = str(name)[:60]  # a client's string, as error messages will quote it
-        deferred.at(index, name)
-        try:
-            if isinstance(op, tuple) and len(op) == 6 and op[0] == "op":
-                _run_op(op, resolve, batch, index, deferred)
-            elif isinstance(op, tuple) and len(op) == 7 and op[0] == "forward":
-                _run_forward(executor, session, op, resolve, batch, deferred)
-            else:
-                raise RemoteUsageError("malformed operation")
-        except Exception as exc:
-            raise OpFailed(index, name, exc, batch) from exc
-    failure = deferred.first_failure()  # the batch's one synchronization for these
-    if failure is not None:
-        # the batch ran on with safe values in place of bad ones: what the failed operation
-        # and those after it made is not kept (held caches they grew count as grown)
-        index = failure[0]
-        kept = dict(itertools.islice(batch.produced.items(), made_before[index]))
-        raise OpFailed(*failure, Batch(produced=kept, grown=batch.grown))
-    for ref_id in fetch or ():
-        value = resolve(Ref(ref_id))
-        if not isinstance(value, torch.Tensor):
-            raise RemoteUsageError(f"cannot fetch reference {ref_id}: it is not a tensor")
-        batch.fetched[ref_id] = executor.to_host(value)
-    return batch
+    try:
+        result = fn(*map_tree(args, to_meta), **map_tree(kwargs, to_meta))
+    except (NotImplementedError, RuntimeError):
+        total = sum(m.numel() * m.element_size() for m in metas)
+    else:
+        total = 0
+        for leaf in _leaves(tuple(result) if isinstance(result, tuple) else result):
+            if isinstance(leaf, torch.Tensor) and not any(_shares(leaf, m) for m in metas):
+                total += leaf.numel() * leaf.element_size()
+    if len(_OUTPUT_BYTES) >= _OUTPUT_BYTES_LIMIT:
+        _OUTPUT_BYTES.clear()
+    _OUTPUT_BYTES[key] = total
+    return total
 
 
-def _run_op(
-    op: tuple[Any, ...], resolve: Any, batch: Batch, index: int, deferred: Deferred
-) -> None:
-    _, name, args, kwargs, out_ids, describe = op
-    fn = lookup(name)
-    if fn is None:
-        raise RemoteUsageError(f"{name!r} is not an operation a RemoteTensor may run")
-    if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not isinstance(out_ids, list):
-        raise RemoteUsageError("malformed operation")
-    args, kwargs = guard(name, map_tree(args, resolve), map_tree(kwargs, resolve), deferred)
-    result = fn(*args, **kwargs)
-    tensors = [leaf for leaf in _leaves(result) if isinstance(leaf, torch.Tensor)]
-    if len(tensors) > len(out_ids) or (not describe and len(tensors) != len(out_ids)):
-        raise RemoteUsageError(f"{name} made {len(tensors)} tensors, expected {len(out_ids)}")
-    ids = iter(out_ids)
-    metas: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
-
-    def store(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        ref_id = next(ids)
-        batch.produced[ref_id] = leaf
-        metas[ref_id] = (tuple(leaf.shape), leaf.dtype)
-        return Ref(ref_id)
-
-    structure = map_tree(tuple(result) if isinstance(result, tuple) else result, store)
-    if describe:
-        batch.described[index] = (structure, metas)
+def _shares(out: torch.Tensor, source: torch.Tensor) -> bool:
+    base = out._base if out._base is not None else out
+    return base is source or base is source._base or out is source
 
 
-def _run_forward(
-    executor: Executor,
-    session: Session,
-    op: tuple[Any, ...],
-    resolve: Any,
-    batch: Batch,
-    deferred: Deferred,
-) -> None:
-    _, input_ids, cache, mask, logits_id, cache_id, use_cache = op
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype)
+    kind = type(value)
+    if kind is slice:
+        return (slice, value.start, value.stop, value.step)
+    if kind is tuple or kind is list:
+        return (kind, tuple(_signature(v) for v in value))
+    if kind is dict:
+        return (dict, tuple((k, _signature(v)) for k, v in value.items()))
+    return (kind, value)
+
+
+# -- the model --------------------------------------------------------------------------------
+
+
+def _model(session: Session) -> LoadedModel:
     if session.model is None:
-        raise RemoteUsageError("this session has no model")
-    if type(logits_id) is not int or type(cache_id) is not int:
-        raise RemoteUsageError("malformed forward")
-    made_here = isinstance(input_ids, Ref)
-    ids = resolve(input_ids) if made_here else input_ids
+        raise RemoteUsageError("cannot run a model: this session has none")
+    return session.model
+
+
+def _run_forward(ctx: Context, index: int, op: ForwardOp) -> None:
+    model = _model(ctx.session)
+    facts = model.facts
+    ids = ctx.resolve(op.input_ids) if op.input_ids is not None else None
+    embeds = ctx.resolve(op.inputs_embeds) if op.inputs_embeds is not None else None
+    if (ids is None) == (embeds is None):
+        raise RemoteUsageError("cannot run the model: pass input_ids or inputs_embeds (one)")
+    if embeds is not None and (
+        not isinstance(embeds, torch.Tensor)
+        or embeds.dim() != 3
+        or embeds.shape[-1] != facts.hidden
+    ):
+        raise RemoteUsageError(
+            f"cannot run the model: inputs_embeds must be [batch, seq, {facts.hidden}]"
+        )
+    cache = _cache_in(ctx, op.cache, model)
+    cached = cache_length(cache)
+    source = ids if ids is not None else embeds
+    assert isinstance(source, torch.Tensor)
+    rows, new = int(source.shape[0]), int(source.shape[1])
+    kwargs: dict[str, Any] = {"use_cache": op.use_cache}
+    if ids is not None:
+        kwargs["input_ids"] = _checked_ids(ctx, model, ids, op.input_ids)
+    else:
+        kwargs["inputs_embeds"] = embeds
+    facts.check_length(cached, new)
+    if op.attention_mask is not None:
+        kwargs["attention_mask"] = _checked_mask(ctx, op.attention_mask, rows, cached + new)
+    if op.position_ids is not None:
+        kwargs["position_ids"] = _checked_positions(
+            ctx, op.position_ids, rows, new, facts.max_positions
+        )
+    if op.labels is not None:
+        labels = ctx.resolve(op.labels)
+        if not isinstance(labels, torch.Tensor):
+            raise RemoteUsageError("cannot compute the loss: labels must be a tensor")
+        check_labels(labels, (rows, new), facts.vocab_size)
+        kwargs["labels"] = labels
+    if op.output_hidden_states:
+        kwargs["output_hidden_states"] = True
+    if op.output_attentions:
+        kwargs["output_attentions"] = True
+    if op.logits_to_keep:
+        kwargs["logits_to_keep"] = op.logits_to_keep
+    if cache is not None:
+        kwargs[model.cache_arg] = cache
+    ctx.reserve(_forward_bytes(model, op, rows, new, cached), "run the model")
+    plain = op.labels is None and not op.output_hidden_states and not op.output_attentions
+    out = _call_model(ctx, model, kwargs, cache, plain)
+    _keep_outputs(ctx, index, op, model, out, rows, new, cached)
+
+
+def _cache_in(ctx: Context, value: Any, model: LoadedModel) -> Any:
+    if value is None:
+        return None
+    if type(value) is Ref:
+        held = ctx.resolve(value)
+        if not hasattr(held, "get_seq_length"):
+            raise RemoteUsageError(f"cannot run the model: reference {value.id} is not a KV cache")
+        return held
+    if isinstance(value, list) and all(
+        isinstance(p, tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p)
+        for p in value
+    ):
+        layers = [(ctx.device.to_device(k), ctx.device.to_device(v)) for k, v in value]
+        return cache_from_layers(layers, model.config)
+    raise RemoteUsageError(
+        "cannot run the model: cache must be a reference, (keys, values) per layer, or None"
+    )
+
+
+def _checked_ids(ctx: Context, model: LoadedModel, ids: Any, wire: Any) -> torch.Tensor:
+    """Ids the model can index with. Ids from the wire are checked at once; ids a
+    queued operation made are not read (that would synchronize the device each
+    step): a bad one is replaced by 0 and flagged, for the batch's one check."""
     if not isinstance(ids, torch.Tensor):
-        raise RemoteUsageError("input_ids must be a tensor")
-    held = batch.produced.get(cache.id) if isinstance(cache, Ref) else None
-    cache_in = held if held is not None else resolve_cache(session, cache)
-    mask = resolve(mask) if isinstance(mask, Ref) else mask
-    cache_mode = "ref" if use_cache else "none"
-    checks = deferred if made_here else None
-    result = forward(executor, session.model, ids, cache_in, mask, "ref", cache_mode, checks)
-    batch.produced[logits_id] = result.logits
-    if result.cache is not None:
-        if isinstance(cache, Ref) and held is None:
-            batch.grown.append(cache)
-        elif not isinstance(cache, Ref):
-            batch.produced[cache_id] = result.cache
+        raise RemoteUsageError("cannot run the model: input_ids must be a tensor")
+    if type(wire) is not Ref:
+        model.facts.check_ids(ids)
+        return ctx.device.to_device(ids)
+    model.facts.check_ids(ids.to("meta"))  # shape and dtype only
+    vocab = model.facts.vocab_size
+    error = RemoteUsageError(
+        f"cannot run the model: input_ids holds a token outside the vocabulary [0, {vocab})"
+    )
+    return within(ids, 0, vocab, error, ctx.deferred)
+
+
+def _checked_mask(ctx: Context, wire: Any, rows: int, length: int) -> torch.Tensor:
+    """Zeros and ones only: many models take positions from the mask's running sum."""
+    mask = ctx.resolve(wire)
+    if not isinstance(mask, torch.Tensor):
+        raise RemoteUsageError("cannot run the model: attention_mask must be a tensor")
+    if type(wire) is not Ref:
+        check_mask(mask, rows, length)
+        return ctx.device.to_device(mask)
+    check_mask(mask.to("meta"), rows, length)
+    error = RemoteUsageError("cannot run the model: attention_mask must hold only 0s and 1s")
+    return within(mask, 0, 2, error, ctx.deferred)
+
+
+def _checked_positions(
+    ctx: Context, wire: Any, rows: int, new: int, limit: int | None
+) -> torch.Tensor:
+    positions = ctx.resolve(wire)
+    if not isinstance(positions, torch.Tensor):
+        raise RemoteUsageError("cannot run the model: position_ids must be a tensor")
+    if type(wire) is not Ref:
+        check_positions(positions, rows, new, limit)
+        return ctx.device.to_device(positions)
+    check_positions(positions.to("meta"), rows, new, limit)
+    if limit is None:
+        return positions
+    error = RemoteUsageError(f"cannot run the model: position_ids lie outside [0, {limit})")
+    return within(positions, 0, limit, error, ctx.deferred)
+
+
+def _forward_bytes(model: LoadedModel, op: ForwardOp, rows: int, new: int, cached: int) -> int:
+    """What a forward will allocate and keep, from shapes alone."""
+    facts, item = model.facts, model.dtype.itemsize
+    kept = new if op.logits_to_keep == 0 else min(op.logits_to_keep, new)
+    total = rows * kept * facts.vocab_size * item if op.out_logits else 0
+    if op.use_cache:
+        built = cached if isinstance(op.cache, list) else 0  # a cache sent as data is rebuilt
+        total += rows * (built + new) * facts.kv_bytes_per_token(item)
+    if op.output_hidden_states:
+        total += (facts.layers + 1) * rows * new * facts.hidden * item
+    if op.output_attentions:
+        total += facts.layers * rows * facts.heads * new * (cached + new) * item
+    return total
+
+
+def _call_model(
+    ctx: Context, model: LoadedModel, kwargs: dict[str, Any], cache: Any, plain: bool
+) -> Any:
+    """The forward: a decode step through the batcher, a long prompt in chunks that
+    give the turn up between them, anything else in one call."""
+    ids = kwargs.get("input_ids")
+    if plain and ids is not None and cache is not None and batchable(model, ids, cache):
+        step = Step(model, ids, cache, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        logits = ctx.device.batcher.run(ctx.job, step)
+        if kwargs.get("logits_to_keep"):
+            logits = logits[:, -kwargs["logits_to_keep"] :]
+        return _Output(logits=logits, cache=cache)
+    chunk = ctx.prefill_chunk
+    if plain and ids is not None and ids.shape[1] > chunk and kwargs["use_cache"]:
+        return _chunked(ctx, model, kwargs, cache, chunk)
+    out = model.module(**kwargs)
+    return _Output(
+        logits=out.logits,
+        cache=getattr(out, model.cache_arg, None) if model.cache_arg else None,
+        loss=getattr(out, "loss", None),
+        hidden_states=getattr(out, "hidden_states", None),
+        attentions=getattr(out, "attentions", None),
+    )
+
+
+@dataclass
+class _Output:
+    logits: torch.Tensor
+    cache: Any = None
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _chunked(
+    ctx: Context, model: LoadedModel, kwargs: dict[str, Any], cache: Any, chunk: int
+) -> _Output:
+    """A long prompt, `chunk` tokens per turn, so that others' decode steps run between."""
+    from transformers import DynamicCache
+
+    ids: torch.Tensor = kwargs.pop("input_ids")
+    mask = kwargs.pop("attention_mask", None)
+    positions = kwargs.pop("position_ids", None)
+    keep = kwargs.pop("logits_to_keep", 0)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    done = cache_length(cache)
+    pieces = []
+    for start in range(0, ids.shape[1], chunk):
+        part: dict[str, Any] = {**kwargs, model.cache_arg: cache}
+        end = min(start + chunk, ids.shape[1])
+        if mask is not None:
+            part["attention_mask"] = mask[:, : done + end]
+        if positions is not None:
+            part["position_ids"] = positions[:, start:end]
+        out = model.module(input_ids=ids[:, start:end], **part)
+        pieces.append(out.logits)
+        cache = getattr(out, model.cache_arg)
+        ctx.device.pause(ctx.job)
+    logits = torch.cat(pieces, dim=1)
+    return _Output(logits=logits[:, -keep:] if keep else logits, cache=cache)
+
+
+def _keep_outputs(
+    ctx: Context,
+    index: int,
+    op: ForwardOp,
+    model: LoadedModel,
+    out: _Output,
+    rows: int,
+    new: int,
+    cached: int,
+) -> None:
+    per_token = model.facts.kv_bytes_per_token(model.dtype.itemsize)
+    if op.out_logits:
+        ctx.keep(op.out_logits, out.logits, out.logits.numel() * out.logits.element_size())
+    if op.use_cache and out.cache is not None:
+        if type(op.cache) is Ref:
+            ctx.batch.grown.append(op.cache.id)  # it grew in place
+            ctx.batch.nbytes += rows * new * per_token
+        elif op.out_cache:
+            ctx.keep(op.out_cache, out.cache, rows * (cached + new) * per_token)
+    if op.out_loss and out.loss is not None:
+        ctx.keep(op.out_loss, out.loss, out.loss.element_size())
+    if op.output_hidden_states or op.output_attentions:
+        states = {"hidden_states": out.hidden_states, "attentions": out.attentions}
+        structure, metas = _store(ctx, states, ctx.server_ids, 0)
+        ctx.batch.described[index] = messages.Described(structure, metas)
+
+
+def _run_call(ctx: Context, index: int, op: CallOp) -> None:
+    """A plain nn.Module's forward; its outputs stay under ids the server gives them."""
+    model = _model(ctx.session)
+    args, kwargs = map_tree((op.args, op.kwargs), ctx.resolve)
+    result = model.module(*args, **kwargs)
+    nbytes = sum(
+        t.numel() * t.element_size() for t in _leaves(result) if isinstance(t, torch.Tensor)
+    )
+    ctx.reserve(nbytes, "keep the module's outputs")
+    structure, metas = _store(ctx, result, ctx.server_ids, nbytes)
+    ctx.batch.described[index] = messages.Described(structure, metas)

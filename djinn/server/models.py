@@ -4,14 +4,27 @@ A registration names a fingerprint. A model already in memory, or in the
 on-disk store, is ready at once (no upload). Otherwise the client uploads the
 weights in chunks; the server hashes them as they arrive, writes them as
 safetensors shards into a staging folder, and at commit checks the hash
-against the fingerprint before moving the folder into the store and loading
-it. A transformers model is rebuilt from its config by the transformers class
-the spec names, so no client code runs; pickled code is accepted only from a
-server started with --trust-remote-code.
+against the fingerprint before moving the folder into the store. An upload
+cut off by a lost connection is kept: the next registration of the same
+fingerprint continues from the first weight it lacks.
+
+Budgets before bytes: a model's size is known from its manifest before any
+weight is sent, and from its config built on the meta device before any is
+loaded; one that cannot fit in --memory-budget (or the device's free memory)
+is refused with both sizes.
+
+Integrity: every file of a stored model has its SHA-256 recorded at write
+time and checked at load. A corrupt entry is moved aside (quarantined) and
+reported as StoreCorruptError; registering the model again re-uploads it.
+
+Code: a transformers model is rebuilt from its config by the class the spec
+names, so no client code runs. A pickled module loads only on a server
+started with --trust-remote-code, checked where it is loaded.
 
 Layout of one stored model, `<store>/<fingerprint>/`:
-    djinn.json                      the spec, less config and code
+    djinn.json                      the spec, less config and code, plus file hashes
     config.json | module.pkl        transformers config, or the pickled module
+    generation_config.json          the model's generation defaults, if it has any
     model.safetensors.index.json    weight name -> shard
     model-00001.safetensors ...     the weights, in upload order
 """
@@ -20,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import hashlib
 import json
 import logging
+import math
 import pickle
 import shutil
 import tempfile
@@ -32,16 +46,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import torch
 from safetensors.torch import load_file, save_file
 
-from djinn.errors import RemoteCodeRefusedError, RemoteUsageError, ServerBusyError
+from djinn import messages
+from djinn.errors import (
+    QuotaExceededError,
+    RemoteCodeRefusedError,
+    RemoteUsageError,
+    ServerBusyError,
+    StoreCorruptError,
+)
 from djinn.fingerprint import Hasher
-from djinn.net.payload import TORCH_DTYPES
+from djinn.modelfacts import ModelFacts, cache_arg
+from djinn.net.codec import TORCH_DTYPES
+from djinn.server.batching import takes_positions
 
 if TYPE_CHECKING:
     from djinn.server.config import ServerConfig
-    from djinn.server.executor import Executor
+    from djinn.server.device import Device
 
 log = logging.getLogger("djinn.server")
 
@@ -49,7 +73,8 @@ log = logging.getLogger("djinn.server")
 # vanishes, small enough that hashing and writing one chunk takes well under
 # a second and two chunks in memory are cheap.
 CHUNK_BYTES: Final = 128 * 1024 * 1024
-KINDS: Final = ("transformers", "pickle")
+# Uploads whose connection dropped, kept for a later registration to resume.
+ORPHANS_KEPT: Final = 8
 
 
 @dataclass
@@ -57,7 +82,10 @@ class LoadedModel:
     fingerprint: str
     module: torch.nn.Module
     nbytes: int
-    cache_arg: str | None  # "cache" (transformers 5), "past_key_values", or None
+    cache_arg: str
+    facts: ModelFacts
+    dtype: torch.dtype
+    takes_positions: bool
     refcount: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -65,20 +93,15 @@ class LoadedModel:
     def config(self) -> Any:
         return getattr(self.module, "config", None)
 
-    @property
-    def vocab(self) -> int:
-        """How many ids the model can index with: its input embedding's rows."""
-        module: Any = self.module
-        return int(module.get_input_embeddings().num_embeddings)
-
 
 @dataclass
 class Upload:
-    """One model being uploaded on one connection."""
+    """One model being uploaded; it outlives a dropped connection, to be resumed."""
 
-    spec: dict[str, Any]
+    spec: messages.ModelSpec
     staging: Path
     hasher: Hasher
+    owner: object | None
     next_index: int = 0
     shards: int = 0
     weight_map: dict[str, str] = field(default_factory=dict)
@@ -87,34 +110,65 @@ class Upload:
     def write_chunk(self, names: list[str], tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
             self.hasher.update(tensor)
-        self.shards += 1
-        shard = f"model-{self.shards:05d}.safetensors"
+        shard = f"model-{self.shards + 1:05d}.safetensors"
+        # write, then rename: a crash never leaves a half-written shard under its name
+        partial = self.staging / f".{shard}.partial"
         save_file(
             {n: t.contiguous() for n, t in zip(names, tensors, strict=True)},
-            str(self.staging / shard),
+            str(partial),
             metadata={"format": "pt"},
         )
+        partial.rename(self.staging / shard)
+        self.shards += 1
         self.weight_map.update(dict.fromkeys(names, shard))
 
     def finish(self) -> None:
         spec = self.spec
         index = {"metadata": {"format": "pt"}, "weight_map": self.weight_map}
         (self.staging / "model.safetensors.index.json").write_text(json.dumps(index))
-        if spec["kind"] == "transformers":
-            (self.staging / "config.json").write_text(json.dumps(spec["config"], indent=1))
+        if spec.kind == "transformers":
+            (self.staging / "config.json").write_text(json.dumps(spec.config, indent=1))
         else:
-            (self.staging / "module.pkl").write_bytes(spec["code"])
-        meta = {k: v for k, v in spec.items() if k not in ("config", "code")}
+            assert spec.code is not None
+            (self.staging / "module.pkl").write_bytes(spec.code)
+        if spec.generation_config:
+            text = json.dumps(spec.generation_config, indent=1)
+            (self.staging / "generation_config.json").write_text(text)
+        files = {p.name: file_sha256(p) for p in sorted(self.staging.iterdir()) if p.is_file()}
+        meta = msgspec.structs.asdict(msgspec.structs.replace(spec, config=None, code=None))
+        meta["manifest"] = [[e.name, e.dtype, e.shape] for e in spec.manifest]
+        meta["files"] = files
         (self.staging / "djinn.json").write_text(json.dumps(meta))
 
 
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_bytes(manifest: list[messages.TensorEntry], dtype: torch.dtype | None) -> int:
+    """Bytes the weights take in memory, at the server's --dtype where it sets one
+    (floating weights only: integer buffers keep their type)."""
+    total = 0
+    for entry in manifest:
+        own, itemsize = TORCH_DTYPES[entry.dtype]
+        if dtype is not None and own.is_floating_point:
+            itemsize = dtype.itemsize
+        total += math.prod(entry.shape) * itemsize
+    return total
+
+
 class ModelStore:
-    def __init__(self, config: ServerConfig, executor: Executor) -> None:
+    def __init__(self, config: ServerConfig, device: Device) -> None:
         self._config = config
-        self._executor = executor
+        self._device = device
         self._root = Path(config.store)
+        self._dtype = None if config.dtype == "auto" else TORCH_DTYPES[config.dtype][0]
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._uploads: dict[str, Upload] = {}
+        self.names: dict[str, str] = {}  # --model NAME -> fingerprint
+        self._sweep_staging()
 
     def __len__(self) -> int:
         return len(self._models)
@@ -126,97 +180,102 @@ class ModelStore:
     def _path(self, fingerprint: str) -> Path:
         return self._root / fingerprint
 
-    # -- registration ------------------------------------------------------------
+    def _sweep_staging(self) -> None:
+        """Staging folders of an earlier run cannot be resumed (their hash state is gone)."""
+        if self._root.is_dir():
+            for stale in self._root.glob(".upload-*"):
+                shutil.rmtree(stale, ignore_errors=True)
 
-    async def register(self, uploads: dict[str, Upload], spec: object) -> dict[str, Any]:
-        """Ready when held in memory or on disk; else start an upload on this connection."""
-        spec = self._check_spec(spec)
-        fingerprint = spec["fingerprint"]
-        if fingerprint in self._models or (self._path(fingerprint) / "djinn.json").exists():
+    def stored(self, fingerprint: str) -> bool:
+        return fingerprint in self._models or (self._path(fingerprint) / "djinn.json").exists()
+
+    def resolve(self, model: str) -> str:
+        """A model id from a client: a fingerprint, or a name given with --model.
+        Never a path: anything else is refused before it reaches the file system."""
+        if model in self.names:
+            return self.names[model]
+        if messages.is_fingerprint(model):
+            return model
+        raise RemoteUsageError(
+            f"cannot find model {model[:80]!r}: it is neither a fingerprint nor a name this "
+            "server holds; list them with djinn.connect(address).models()"
+        )
+
+    # -- registration ------------------------------------------------------------------
+
+    async def register(self, owner: object, spec: messages.ModelSpec) -> messages.Registered:
+        """Ready when held in memory or on disk; else start (or resume) an upload."""
+        fingerprint = spec.fingerprint
+        if spec.kind == "pickle" and not self._config.trust_remote_code:
+            raise _refuse_code()
+        if spec.kind == "transformers" and spec.config is None:
+            raise RemoteUsageError("cannot register: a transformers spec needs its config")
+        if spec.kind == "pickle" and spec.code is None:
+            raise RemoteUsageError("cannot register: a pickled spec needs its code")
+        for entry in spec.manifest:
+            if entry.dtype not in TORCH_DTYPES or any(n < 0 for n in entry.shape):
+                raise RemoteUsageError(f"cannot register: bad manifest entry {entry.name!r}")
+        if self.stored(fingerprint):
             await self.load(fingerprint)
-            return {"status": "ready", "fingerprint": fingerprint}
-        if fingerprint not in uploads:
+            return messages.Registered("ready", fingerprint)
+        self.check_fits(manifest_bytes(spec.manifest, self._dtype), f"model {fingerprint[:12]}")
+        upload = self._uploads.get(fingerprint)
+        if upload is not None and upload.owner is not None and upload.owner is not owner:
+            raise ServerBusyError(
+                f"cannot register model {fingerprint[:12]}: another client is uploading it; "
+                "retry when it is done"
+            )
+        if upload is None:
             self._root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self._root))
-            uploads[fingerprint] = Upload(spec, staging, Hasher(spec))
-        return {"status": "upload", "fingerprint": fingerprint, "chunk_bytes": CHUNK_BYTES}
-
-    def _check_spec(self, spec: object) -> dict[str, Any]:
-        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
-            raise RemoteUsageError("cannot register: malformed model spec")
-        fingerprint = spec.get("fingerprint")
-        if (
-            not isinstance(fingerprint, str)
-            or len(fingerprint) != 64
-            or not all(c in "0123456789abcdef" for c in fingerprint)
-        ):
-            raise RemoteUsageError("cannot register: the fingerprint must be 64 hex digits")
-        if spec["kind"] == "pickle" and not self._config.trust_remote_code:
-            raise RemoteCodeRefusedError(
-                "cannot register a pickled module: this server does not run client code; "
-                "start it with --trust-remote-code, or wrap a transformers model instead"
+            upload = self._uploads[fingerprint] = Upload(spec, staging, Hasher(spec), owner)
+        elif upload.owner is None:
+            log.info(
+                "model %s: resuming its upload at weight %d", fingerprint[:12], upload.next_index
             )
-        if spec["kind"] == "transformers" and not isinstance(spec.get("config"), dict):
-            raise RemoteUsageError("cannot register: a transformers spec needs its config")
-        if spec["kind"] == "pickle" and not isinstance(spec.get("code"), bytes):
-            raise RemoteUsageError("cannot register: a pickled spec needs its code")
-        if not isinstance(spec.get("class"), str):
-            raise RemoteUsageError("cannot register: the spec names no class")
-        manifest = spec.get("manifest")
-        if not isinstance(manifest, list) or not all(_is_entry(e) for e in manifest):
-            raise RemoteUsageError("cannot register: malformed weight manifest")
-        aliases = spec.get("aliases", [])
-        if not isinstance(aliases, list) or not all(
-            isinstance(a, tuple) and len(a) == 2 and all(isinstance(n, str) for n in a)
-            for a in aliases
-        ):
-            raise RemoteUsageError("cannot register: malformed aliases")
-        return spec
+            upload.owner = owner
+        return messages.Registered("upload", fingerprint, upload.next_index, CHUNK_BYTES)
 
-    async def upload(
-        self, uploads: dict[str, Upload], fingerprint: object, start: object, tensors: object
-    ) -> None:
+    async def upload(self, owner: object, fingerprint: str, start: int, tensors: list[Any]) -> None:
         """Take the next chunk of weights, in manifest order."""
-        upload = uploads.get(fingerprint) if isinstance(fingerprint, str) else None
-        if upload is None:
+        upload = self._uploads.get(fingerprint)
+        if upload is None or upload.owner is not owner:
             raise RemoteUsageError("cannot upload: register this fingerprint first")
-        if not isinstance(tensors, list) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise RemoteUsageError("cannot upload: expected a list of tensors")
         async with upload.lock:
-            manifest = upload.spec["manifest"]
-            if start != upload.next_index or upload.next_index + len(tensors) > len(manifest):
+            manifest = upload.spec.manifest
+            if start != upload.next_index or start + len(tensors) > len(manifest):
                 raise RemoteUsageError(
                     f"cannot upload: expected weights from index {upload.next_index}, got {start}"
                 )
             names = []
-            for offset, tensor in enumerate(tensors):
-                name, dtype, shape = manifest[upload.next_index + offset]
+            for entry, tensor in zip(manifest[start:], tensors, strict=False):
                 if (
-                    str(tensor.dtype).removeprefix("torch.") != dtype
-                    or tuple(tensor.shape) != shape
+                    str(tensor.dtype).removeprefix("torch.") != entry.dtype
+                    or list(tensor.shape) != entry.shape
                 ):
                     raise RemoteUsageError(
-                        f"cannot upload {name}: expected {dtype}{list(shape)}, "
+                        f"cannot upload {entry.name}: expected {entry.dtype}{entry.shape}, "
                         f"got {tensor.dtype}{list(tensor.shape)}"
                     )
-                names.append(name)
+                names.append(entry.name)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, upload.write_chunk, names, tensors)
             upload.next_index += len(tensors)
 
-    async def commit(self, uploads: dict[str, Upload], fingerprint: object) -> dict[str, Any]:
+    async def commit(self, owner: object, fingerprint: str) -> messages.Registered:
         """Check the uploaded weights against the fingerprint, store them, load the model."""
-        upload = uploads.get(fingerprint) if isinstance(fingerprint, str) else None
-        if upload is None:
+        upload = self._uploads.get(fingerprint)
+        if upload is None or upload.owner is not owner:
             raise RemoteUsageError("cannot commit: register this fingerprint first")
-        assert isinstance(fingerprint, str)
         async with upload.lock:
-            del uploads[fingerprint]
+            del self._uploads[fingerprint]
             try:
-                if upload.next_index != len(upload.spec["manifest"]):
+                if upload.next_index != len(upload.spec.manifest):
                     raise RemoteUsageError(
                         f"cannot commit: {upload.next_index} of "
-                        f"{len(upload.spec['manifest'])} weights uploaded"
+                        f"{len(upload.spec.manifest)} weights uploaded"
                     )
                 digest = upload.hasher.hexdigest()
                 if digest != fingerprint:
@@ -225,60 +284,46 @@ class ModelStore:
                         f"not to the registered fingerprint {fingerprint[:16]}..."
                     )
                 await asyncio.get_running_loop().run_in_executor(None, upload.finish)
-                with contextlib.suppress(FileExistsError, OSError):
-                    upload.staging.rename(self._path(fingerprint))  # a racing twin may win
+                with contextlib.suppress(OSError):  # a racing twin may have stored it first
+                    upload.staging.rename(self._path(fingerprint))
             finally:
                 shutil.rmtree(upload.staging, ignore_errors=True)
         await self.load(fingerprint)
         log.info("model %s stored and loaded", fingerprint[:12])
-        return {"status": "ready", "fingerprint": fingerprint}
+        return messages.Registered("ready", fingerprint)
 
-    @staticmethod
-    def abandon(uploads: dict[str, Upload]) -> None:
-        """Delete what a closed connection left half uploaded."""
-        for upload in uploads.values():
+    def abandon(self, owner: object) -> None:
+        """A connection closed: keep its unfinished uploads for a later resume (a few)."""
+        for upload in self._uploads.values():
+            if upload.owner is owner:
+                upload.owner = None
+        orphans = [f for f, u in self._uploads.items() if u.owner is None]
+        for fingerprint in orphans[:-ORPHANS_KEPT] if len(orphans) > ORPHANS_KEPT else []:
+            shutil.rmtree(self._uploads.pop(fingerprint).staging, ignore_errors=True)
+
+    def close(self) -> None:
+        for upload in self._uploads.values():
             shutil.rmtree(upload.staging, ignore_errors=True)
-        uploads.clear()
+        self._uploads.clear()
 
-    # -- loading -------------------------------------------------------------------
+    # -- budgets -------------------------------------------------------------------------
 
-    async def load(self, fingerprint: str) -> LoadedModel:
-        """The model in memory, loading it from the store once however many ask."""
-        model = self._models.get(fingerprint)
-        if model is not None:
-            return model
-        pending = self._loading.get(fingerprint)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._loading[fingerprint] = pending
-            try:
-                model = await self._executor.run(self._load_from_disk, fingerprint)
-                self._make_room(model.nbytes)
-                self._models[fingerprint] = model
-                pending.set_result(model)
-            except BaseException as exc:
-                pending.set_exception(exc)
-                raise
-            finally:
-                del self._loading[fingerprint]
-            log.info("model %s loaded (%d bytes)", fingerprint[:12], model.nbytes)
-            return model
-        return await asyncio.shield(pending)
-
-    def _load_from_disk(self, fingerprint: str) -> LoadedModel:
-        path = self._path(fingerprint)
-        meta = json.loads((path / "djinn.json").read_text())
-        dtype = None if self._config.dtype == "auto" else TORCH_DTYPES[self._config.dtype][0]
-        if meta["kind"] == "transformers":
-            module = _load_transformers(path, meta, dtype)
-        else:
-            module = _load_pickled(path, dtype)
-        module = module.to(self._executor.device).eval()
-        nbytes = sum(
-            t.nbytes
-            for t in {**dict(module.named_parameters()), **dict(module.named_buffers())}.values()
-        )
-        return LoadedModel(fingerprint, module, nbytes, _cache_arg(module))
+    def check_fits(self, nbytes: int, what: str) -> None:
+        """Refuse a model that cannot fit even after evicting every idle one."""
+        budget = self._config.memory_budget_bytes
+        pinned = sum(m.nbytes for m in self._models.values() if m.refcount > 0)
+        if pinned + nbytes > budget:
+            raise QuotaExceededError(
+                f"cannot load {what}: its weights take {nbytes:,} bytes and models in use hold "
+                f"{pinned:,} of the server's {budget:,}-byte budget (--memory-budget)"
+            )
+        free = self._device.free_bytes()
+        idle = sum(m.nbytes for m in self._models.values() if m.refcount == 0)
+        if free is not None and nbytes > free + idle:
+            raise QuotaExceededError(
+                f"cannot load {what}: its weights take {nbytes:,} bytes and the device has "
+                f"{free:,} free"
+            )
 
     def _make_room(self, nbytes: int) -> None:
         """Evict idle models, least recently used first, to stay within the memory budget."""
@@ -290,14 +335,103 @@ class ModelStore:
             victim = idle.pop(0)
             del self._models[victim.fingerprint]
             log.info("model %s evicted from memory (idle)", victim.fingerprint[:12])
-        if self.resident_bytes + nbytes > budget:
-            raise ServerBusyError(
-                f"cannot load a model of {nbytes} bytes: models in use hold "
-                f"{self.resident_bytes} of the {budget}-byte budget"
-            )
 
-    def acquire(self, fingerprint: object) -> LoadedModel:
-        model = self._models.get(fingerprint) if isinstance(fingerprint, str) else None
+    # -- loading -------------------------------------------------------------------------
+
+    async def load(self, fingerprint: str) -> LoadedModel:
+        """The model in memory, loading it from the store once however many ask."""
+        model = self._models.get(fingerprint)
+        if model is not None:
+            return model
+        pending = self._loading.get(fingerprint)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._loading[fingerprint] = pending
+        try:
+            loop = asyncio.get_running_loop()
+            meta, size = await loop.run_in_executor(None, self._inspect, fingerprint)
+            self.check_fits(size, f"model {fingerprint[:12]}")
+            self._make_room(size)
+            model = await loop.run_in_executor(None, self._load_from_disk, fingerprint, meta)
+            self._models[fingerprint] = model
+            pending.set_result(model)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._loading[fingerprint]
+        log.info("model %s loaded (%d bytes)", fingerprint[:12], model.nbytes)
+        return model
+
+    def _inspect(self, fingerprint: str) -> tuple[dict[str, Any], int]:
+        """The stored spec, checked file by file, and the bytes the model will take,
+        counted on the meta device before anything is allocated."""
+        path = self._path(fingerprint)
+        try:
+            meta = json.loads((path / "djinn.json").read_text())
+            files = meta["files"]
+            for name, digest in files.items():
+                if file_sha256(path / name) != digest:
+                    raise ValueError(f"{name} does not match its recorded hash")
+        except FileNotFoundError:
+            raise RemoteUsageError(
+                f"cannot load model {fingerprint[:12]}: not in the store"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._quarantine(fingerprint, str(exc))
+            raise StoreCorruptError(
+                f"cannot load model {fingerprint[:12]}: its stored copy is damaged and was set "
+                "aside; register the model again to upload it again"
+            ) from None
+        if meta["kind"] == "pickle" and not self._config.trust_remote_code:
+            raise _refuse_code()
+        if meta["kind"] == "transformers":
+            size = _meta_size(path, meta, self._dtype)
+        else:
+            entries = [messages.TensorEntry(n, d, s) for n, d, s in meta["manifest"]]
+            size = manifest_bytes(entries, self._dtype)
+        return meta, size
+
+    def _quarantine(self, fingerprint: str, why: str) -> None:
+        path = self._path(fingerprint)
+        target = self._root / f".quarantine-{fingerprint}-{int(time.time())}"
+        with contextlib.suppress(OSError):
+            path.rename(target)
+        log.error(
+            "model %s: stored copy is damaged (%s); moved to %s", fingerprint[:12], why, target
+        )
+
+    def _load_from_disk(self, fingerprint: str, meta: dict[str, Any]) -> LoadedModel:
+        path = self._path(fingerprint)
+        try:
+            if meta["kind"] == "transformers":
+                module = _load_transformers(path, meta, self._dtype)
+            else:
+                module = _load_pickled(path, self._dtype)
+        except (OSError, ValueError, KeyError) as exc:  # damaged since it was hashed
+            self._quarantine(fingerprint, str(exc))
+            raise StoreCorruptError(
+                f"cannot load model {fingerprint[:12]}: its stored copy is damaged and was set "
+                "aside; register the model again to upload it again"
+            ) from None
+        module = module.to(self._device.device).eval()
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        arg = cache_arg(module) or ""
+        return LoadedModel(
+            fingerprint=fingerprint,
+            module=module,
+            nbytes=sum(t.nbytes for t in tensors.values()),
+            cache_arg=arg,
+            facts=ModelFacts.of(getattr(module, "config", None)),
+            dtype=dtype,
+            takes_positions=bool(arg) and takes_positions(module),
+        )
+
+    def acquire(self, fingerprint: str) -> LoadedModel:
+        model = self._models.get(fingerprint)
         if model is None:
             raise RemoteUsageError("cannot open a session: register the model first")
         model.refcount += 1
@@ -308,16 +442,66 @@ class ModelStore:
         model.refcount -= 1
         model.last_used = time.monotonic()
 
+    def infos(self) -> list[messages.ModelInfo]:
+        """Every model the server holds in memory, by name where it has one."""
+        names = {fp: name for name, fp in self.names.items()}
+        return [
+            messages.ModelInfo(
+                name=names.get(fp, ""),
+                fingerprint=fp,
+                parameters=sum(p.numel() for p in model.module.parameters()),
+                dtype=str(model.dtype).removeprefix("torch."),
+                resident=True,
+                nbytes=model.nbytes,
+            )
+            for fp, model in self._models.items()
+        ]
 
-def _is_entry(entry: object) -> bool:
-    return (
-        isinstance(entry, tuple)
-        and len(entry) == 3
-        and isinstance(entry[0], str)
-        and entry[1] in TORCH_DTYPES
-        and isinstance(entry[2], tuple)
-        and all(type(n) is int and n >= 0 for n in entry[2])
+
+def _refuse_code() -> RemoteCodeRefusedError:
+    return RemoteCodeRefusedError(
+        "cannot load a pickled module: this server does not run client code; "
+        "start it with --trust-remote-code, or wrap a transformers model instead"
     )
+
+
+def _transformers_class(name: str) -> Any:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise RemoteUsageError(
+            f"cannot load model: {name!r} is not a transformers model class "
+            f"in transformers {transformers.__version__}"
+        )
+    return cls
+
+
+def _meta_size(path: Path, meta: Mapping[str, Any], dtype: torch.dtype | None) -> int:
+    """The model's bytes, from its config built on the meta device; refuses a config that
+    builds weights the manifest lacks (it would allocate them at load)."""
+    import transformers
+
+    cls = _transformers_class(meta["cls"])
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        module = cls(config)
+    expected = {name for name, _, _ in meta["manifest"]} | {a for a, _ in meta.get("aliases", [])}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    missing = [name for name in params if name not in expected]
+    if missing:
+        raise RemoteUsageError(
+            f"cannot load model: its config builds weights the upload lacks: {sorted(missing)[:5]}"
+        )
+    total = 0
+    seen: set[int] = set()
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        itemsize = dtype.itemsize if dtype is not None and tensor.is_floating_point() else None
+        total += tensor.numel() * (itemsize or tensor.element_size())
+    return total
 
 
 def _load_transformers(path: Path, meta: Mapping[str, Any], dtype: torch.dtype | None) -> Any:
@@ -325,12 +509,7 @@ def _load_transformers(path: Path, meta: Mapping[str, Any], dtype: torch.dtype |
 
     # the server logs loads itself
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    cls = getattr(transformers, meta["class"], None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise RemoteUsageError(
-            f"cannot load model: {meta['class']!r} is not a transformers model class "
-            f"in transformers {transformers.__version__}"
-        )
+    cls = _transformers_class(meta["cls"])
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -342,16 +521,9 @@ def _load_transformers(path: Path, meta: Mapping[str, Any], dtype: torch.dtype |
 def _restore_aliases(module: torch.nn.Module, meta: Mapping[str, Any]) -> None:
     """Weights that shared memory on the client, and were not tied again by the config."""
     state = module.state_dict()
-    expected = {name for name, _, _ in meta["manifest"]}
     for alias, source in meta.get("aliases", []):
         if alias in state and state[alias].data_ptr() != state[source].data_ptr():
             state[alias].copy_(state[source])
-        expected.add(alias)
-    unknown = set(state) - expected
-    if unknown:
-        raise RemoteUsageError(
-            f"cannot load model: its config builds weights the upload lacks: {sorted(unknown)[:5]}"
-        )
 
 
 def _load_pickled(path: Path, dtype: torch.dtype | None) -> Any:
@@ -367,7 +539,8 @@ def _load_pickled(path: Path, dtype: torch.dtype | None) -> Any:
 
 
 class _WeightsUnpickler(pickle.Unpickler):
-    """Unrestricted (the operator opted in), with weights supplied from safetensors."""
+    """Unrestricted (the operator opted in, and _inspect checked it), with weights
+    supplied from safetensors."""
 
     def __init__(self, file: Any, weights: Mapping[str, torch.Tensor]) -> None:
         super().__init__(file)
@@ -375,12 +548,3 @@ class _WeightsUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         return self._weights[pid[1]]
-
-
-def _cache_arg(module: torch.nn.Module) -> str | None:
-    """How this model's forward names its KV cache, across transformers versions."""
-    params = inspect.signature(module.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None

@@ -1,4 +1,4 @@
-"""Sessions and the references they hold.
+"""Sessions and the references they hold, with their memory counted by storage.
 
 A session belongs to one connection and holds the objects its client
 refers to by number: KV caches, tensors left on the server. A reference is
@@ -6,21 +6,31 @@ only ever looked up inside its own session, so one client can never read,
 use or free another's objects. A session ends, and its memory goes, when
 its client closes it, when its connection drops, or when it sits idle
 longer than its lease.
+
+Memory is what keeps storage alive: a view is charged for the whole
+storage it keeps (once, however many views share it), and every reference
+costs REF_OVERHEAD_BYTES of bookkeeping besides. Work is checked against
+the quota before it allocates (`reserve`), with sizes known from shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
-from djinn.errors import LostReferenceError, QuotaExceededError, RemoteUsageError, ServerBusyError
-from djinn.net.payload import Ref
+from djinn.errors import (
+    LostReferenceError,
+    QuotaExceededError,
+    RemoteUsageError,
+    ServerBusyError,
+)
 
 if TYPE_CHECKING:
     from djinn.server.config import ServerConfig
@@ -28,28 +38,39 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("djinn.server")
 
+# Ids the server gives outputs the client could not name in advance.
+SERVER_IDS_START: Final = 1 << 62
 # How often idle sessions are looked for; a lease ends at most this late.
-SWEEP_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S: Final = 1.0
+# What one held reference costs the server beyond its tensors' storage (its
+# dict entries and objects; measured at about 850 bytes for a view).
+REF_OVERHEAD_BYTES: Final = 1024
+
+Storages = list[tuple[tuple[str, int], int]]  # ((device, data pointer), bytes)
 
 
-def nbytes_of(obj: Any) -> int:
-    """Memory held by a session object: a tensor, a KV cache, or containers of them."""
+def storages_of(obj: Any) -> Storages:
+    """The storages an object keeps alive: a tensor's, a KV cache's, or a container's."""
     if isinstance(obj, torch.Tensor):
-        return obj.nbytes
+        storage = obj.untyped_storage()
+        return [((str(obj.device), storage.data_ptr()), storage.nbytes())]
     if isinstance(obj, (list, tuple)):
-        return sum(nbytes_of(item) for item in obj)
+        return [s for item in obj for s in storages_of(item)]
     layers = getattr(obj, "layers", None)  # a transformers Cache
     if layers is not None:
-        return sum(
-            nbytes_of(getattr(layer, "keys", None)) + nbytes_of(getattr(layer, "values", None))
-            for layer in layers
-        )
-    return 0
+        found: Storages = []
+        for layer in layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    found.extend(storages_of(tensor))
+        return found
+    return []
 
 
 class Session:
     def __init__(
-        self, owner: object, model: LoadedModel | None, quota: int, registry: SessionRegistry
+        self, owner: Any, model: LoadedModel | None, quota: int, registry: SessionRegistry
     ) -> None:
         self.id = secrets.token_urlsafe(16)
         self.owner = owner
@@ -60,62 +81,96 @@ class Session:
         self.busy = 0
         self.closed = False
         self.lock = asyncio.Lock()  # a session's calls run one at a time
+        # ids for outputs the client could not name in advance (its own count up from 1)
+        self.server_ids = itertools.count(SERVER_IDS_START)
         self._objects: dict[int, Any] = {}
-        self._sizes: dict[int, int] = {}
+        self._held: dict[int, Storages] = {}
+        self._storages: dict[tuple[str, int], list[int]] = {}  # key -> [bytes, holders]
         self.resident_bytes = 0
 
     def __len__(self) -> int:
         return len(self._objects)
 
-    def get(self, ref: Ref) -> Any:
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._objects))
+
+    def get(self, ref_id: int) -> Any:
         try:
-            return self._objects[ref.id]
+            return self._objects[ref_id]
         except KeyError:
             raise LostReferenceError(
-                f"cannot use reference {ref.id}: this session does not hold it "
+                f"cannot use reference {ref_id}: this session does not hold it "
                 "(released, expired, or from another session)"
             ) from None
 
-    def put(self, ref: Ref, obj: Any) -> None:
-        """Hold `obj` under the client-chosen `ref`; replacing is refused."""
-        if self.closed:
-            raise LostReferenceError(f"cannot hold reference {ref.id}: the session is closed")
-        if ref.id in self._objects:
-            raise RemoteUsageError(f"cannot hold reference {ref.id}: it is already in use")
-        self._objects[ref.id] = obj
-        self._sizes[ref.id] = 0
-        self.resize(ref)
+    def holds(self, ref_id: int) -> bool:
+        return ref_id in self._objects
 
-    def resize(self, ref: Ref) -> None:
-        """Recount an object that grew in place (a KV cache after a step)."""
-        new = nbytes_of(self._objects[ref.id])
-        old = self._sizes[ref.id]
-        if new > old and self.resident_bytes + new - old > self.quota:
-            self.release([ref.id])
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Refuse work that would take the session past its quota, or the server's
+        sessions past their shared budget, before it allocates anything."""
+        if nbytes <= 0:
+            return
+        if self.resident_bytes + nbytes > self.quota:
             raise QuotaExceededError(
-                f"cannot hold {new} bytes for reference {ref.id}: the session would exceed "
-                f"its quota of {self.quota} bytes; release references or close sessions"
+                f"cannot {what}: it needs {nbytes:,} bytes and the session holds "
+                f"{self.resident_bytes:,} of its {self.quota:,}-byte quota (--session-quota); "
+                "release references (drop RemoteTensors, close models) or ask for less"
             )
-        budget = self._registry.budget
-        if new > old and self._registry.resident_bytes + new - old > budget:
-            self.release([ref.id])
+        registry = self._registry
+        if registry.resident_bytes + nbytes > registry.budget:
             raise ServerBusyError(
-                f"cannot hold {new} bytes for reference {ref.id}: the server's sessions "
-                f"would exceed their shared {budget}-byte budget; retry later"
+                f"cannot {what}: it needs {nbytes:,} bytes and the server's sessions hold "
+                f"{registry.resident_bytes:,} of their shared {registry.budget:,}-byte budget "
+                "(--session-memory); retry later"
             )
-        self._sizes[ref.id] = new
-        self.resident_bytes += new - old
+
+    def put(self, ref_id: int, obj: Any) -> None:
+        """Hold `obj` under the client-chosen id; replacing is refused."""
+        if self.closed:
+            raise LostReferenceError(f"cannot hold reference {ref_id}: the session is closed")
+        if ref_id in self._objects:
+            raise RemoteUsageError(f"cannot hold reference {ref_id}: it is already in use")
+        self._objects[ref_id] = obj
+        self._held[ref_id] = []
+        self._charge(REF_OVERHEAD_BYTES)
+        self.recount(ref_id)
+
+    def recount(self, ref_id: int) -> None:
+        """Count an object again after it changed in place (a KV cache after a step)."""
+        self._forget_storages(ref_id)
+        storages = storages_of(self._objects[ref_id])
+        self._held[ref_id] = storages
+        for key, nbytes in storages:
+            entry = self._storages.get(key)
+            if entry is None:
+                self._storages[key] = [nbytes, 1]
+                self._charge(nbytes)
+            else:
+                entry[1] += 1
+
+    def _forget_storages(self, ref_id: int) -> None:
+        for key, _ in self._held.get(ref_id, ()):
+            entry = self._storages[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del self._storages[key]
+                self._charge(-entry[0])
+
+    def _charge(self, nbytes: int) -> None:
+        self.resident_bytes += nbytes
+        self._registry.resident_bytes += nbytes
 
     def release(self, ids: Iterable[int]) -> None:
         """Drop references; unknown ones are ignored (a release may race a close)."""
         for ref_id in ids:
             if self._objects.pop(ref_id, None) is not None:
-                self.resident_bytes -= self._sizes.pop(ref_id)
+                self._forget_storages(ref_id)
+                del self._held[ref_id]
+                self._charge(-REF_OVERHEAD_BYTES)
 
     def clear(self) -> None:
-        self._objects.clear()
-        self._sizes.clear()
-        self.resident_bytes = 0
+        self.release(list(self._objects))
 
 
 class SessionRegistry:
@@ -124,35 +179,41 @@ class SessionRegistry:
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
         self._sessions: dict[str, Session] = {}
+        self.resident_bytes = 0
         self.on_close: Callable[[Session], None] = lambda session: None
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    @property
-    def resident_bytes(self) -> int:
-        return sum(s.resident_bytes for s in self._sessions.values())
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
 
     @property
     def budget(self) -> int:
         return self._config.session_memory_bytes
 
     def open(self, owner: Any, model: LoadedModel | None) -> Session:
-        if len(self._sessions) >= self._config.max_sessions:
+        """A new session for a connection; ServerBusyError at the server's or the
+        connection's limit."""
+        config = self._config
+        if len(self._sessions) >= config.max_sessions:
             raise ServerBusyError(
                 f"cannot open a session: the server holds its maximum of "
-                f"{self._config.max_sessions}; try again later"
+                f"{config.max_sessions} (--max-sessions); try again later"
             )
-        session = Session(owner, model, self._config.session_quota_bytes, self)
+        if len(owner.sessions) >= config.max_sessions_per_connection:
+            raise ServerBusyError(
+                f"cannot open a session: this connection holds its maximum of "
+                f"{config.max_sessions_per_connection}; close some first"
+            )
+        session = Session(owner, model, config.session_quota_bytes, self)
         self._sessions[session.id] = session
         owner.sessions[session.id] = session
         return session
 
-    def find(self, owner: Any, session_id: object) -> Session:
+    def find(self, owner: Any, session_id: str) -> Session:
         """The caller's own open session, touched; LostReferenceError otherwise."""
-        session: Session | None = (
-            owner.sessions.get(session_id) if isinstance(session_id, str) else None
-        )
+        session: Session | None = owner.sessions.get(session_id)
         if session is None:
             raise LostReferenceError(
                 f"cannot use session {session_id!r:.40}: it is closed, expired, "
@@ -164,11 +225,11 @@ class SessionRegistry:
     def close(self, session: Session, reason: str) -> None:
         if session.closed:
             return
-        session.closed = True
-        self._sessions.pop(session.id, None)
-        session.owner.sessions.pop(session.id, None)  # type: ignore[attr-defined]
         freed = session.resident_bytes
         session.clear()
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        session.owner.sessions.pop(session.id, None)
         self.on_close(session)
         log.info("session %s closed (%s), freed %d bytes", session.id[:8], reason, freed)
 

@@ -11,4 +11,5 @@ from scripts.fuzz_decoder import fuzz
 def test_mutated_frames_decode_or_raise_the_protocol_error() -> None:
     outcomes = fuzz(inputs=3000, seed=1)
     assert outcomes["inputs"] == 3000
-    assert outcomes["frames"] > 0 and outcomes["protocol_errors"] > 0  # both paths were taken
+    # every path was taken: frames, whole messages, and refusals
+    assert outcomes["frames"] > 0 and outcomes["messages"] > 0 and outcomes["protocol_errors"] > 0

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from djinn.server.process import ServerProcess
+from harness.server import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
 

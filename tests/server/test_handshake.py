@@ -1,4 +1,4 @@
-"""The server's front door: tokens, handshake order, versions, bad bytes, bad pickles."""
+"""The server's front door: tokens, handshake order, versions, bad bytes, bad messages."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import djinn
+from djinn import messages
 from djinn.errors import AuthenticationError
-from djinn.net import payload
 from djinn.net.frame import MAGIC, PROTOCOL_VERSION, FrameKind
-from djinn.server.process import ServerProcess
+from harness.server import ServerProcess
 from tests.helpers import RawPeer
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,10 +31,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         yield proc
 
 
-def error_of(peer: RawPeer) -> dict[str, str]:
-    frame = peer.read_frame()
-    assert frame is not None and frame.kind is FrameKind.ERROR, frame
-    return payload.loads(frame.control, frame.buffers)
+def error_of(peer: RawPeer) -> messages.Failure:
+    return peer.failure()
 
 
 def test_right_token_connects(secured: ServerProcess) -> None:
@@ -61,18 +60,18 @@ def test_wrong_token_is_refused(secured: ServerProcess) -> None:
 
 def test_wrong_proof_gets_an_error_and_nothing_else(secured: ServerProcess) -> None:
     peer = RawPeer(secured.address)
-    peer.send_frame(FrameKind.HELLO, payload.dumps({"nonce": os.urandom(32)})[0])
+    peer.send_frame(FrameKind.HELLO, os.urandom(32))
     challenge = peer.read_frame()
     assert challenge is not None and challenge.kind is FrameKind.CHALLENGE
-    peer.send_frame(FrameKind.AUTH, payload.dumps({"proof": b"\0" * 32})[0])
+    peer.send_frame(FrameKind.AUTH, b"\0" * 32)
     body = error_of(peer)
-    assert body["code"] == "auth" and "wrong or missing token" in body["message"]
+    assert body.code == "auth" and "wrong or missing token" in body.message
     assert peer.read_frame() is None  # closed
 
 
 def test_the_token_never_crosses_the_wire(secured: ServerProcess) -> None:
     peer = RawPeer(secured.address)
-    peer.send_frame(FrameKind.HELLO, payload.dumps({"nonce": os.urandom(32)})[0])
+    peer.send_frame(FrameKind.HELLO, os.urandom(32))
     challenge = peer.read_frame()
     assert challenge is not None
     assert TOKEN.encode() not in challenge.control
@@ -80,18 +79,18 @@ def test_the_token_never_crosses_the_wire(secured: ServerProcess) -> None:
 
 def test_request_before_handshake_is_refused_and_closed(server: ServerProcess) -> None:
     peer = RawPeer(server.address)
-    peer.send_frame(FrameKind.REQUEST, payload.dumps(("server_stats", ()))[0], request_id=1)
+    peer.request(messages.Stats())
     body = error_of(peer)
-    assert body["code"] == "protocol" and "unexpected REQUEST" in body["message"]
+    assert body.code == "protocol" and "unexpected REQUEST" in body.message
     assert peer.read_frame() is None
 
 
 def test_request_after_hello_without_auth_is_refused(secured: ServerProcess) -> None:
     peer = RawPeer(secured.address)
-    peer.send_frame(FrameKind.HELLO, payload.dumps({"nonce": os.urandom(32)})[0])
+    peer.send_frame(FrameKind.HELLO, os.urandom(32))
     peer.read_frame()
-    peer.send_frame(FrameKind.REQUEST, payload.dumps(("echo", (1,)))[0], request_id=1)
-    assert error_of(peer)["code"] == "protocol"
+    peer.request(messages.Echo(1))
+    assert error_of(peer).code == "protocol"
     assert peer.read_frame() is None
 
 
@@ -99,7 +98,7 @@ def test_handshake_frames_may_not_carry_buffers(server: ServerProcess) -> None:
     peer = RawPeer(server.address)
     header = struct.pack("!4sBBHQII", MAGIC, PROTOCOL_VERSION, FrameKind.HELLO, 0, 0, 0, 1)
     peer.send_raw(header + struct.pack("!Q", 1 << 30))
-    assert "1 buffers exceed the limit of 0" in error_of(peer)["message"]
+    assert "1 buffers exceed the limit of 0" in error_of(peer).message
     assert peer.read_frame() is None
 
 
@@ -108,8 +107,8 @@ def test_other_protocol_version_gets_a_clear_error(server: ServerProcess) -> Non
     header = struct.pack("!4sBBHQII", MAGIC, PROTOCOL_VERSION + 1, FrameKind.HELLO, 0, 0, 0, 0)
     peer.send_raw(header)
     body = error_of(peer)
-    assert body["code"] == "version"
-    assert f"version {PROTOCOL_VERSION + 1}" in body["message"]
+    assert body.code == "version"
+    assert f"version {PROTOCOL_VERSION + 1}" in body.message
     assert peer.read_frame() is None
 
 
@@ -128,7 +127,7 @@ def test_garbage_gets_an_error_and_the_server_serves_others(
 ) -> None:
     peer = RawPeer(server.address)
     peer.send_raw(data)
-    assert error_of(peer)["code"] == "protocol"
+    assert error_of(peer).code == "protocol"
     assert peer.read_frame() is None
     with djinn.connect(server.address) as other:
         assert other.echo("still here") == "still here"
@@ -149,11 +148,32 @@ def test_a_pickle_that_calls_os_system_runs_nothing(server: ServerProcess, tmp_p
     peer.send_frame(FrameKind.REQUEST, pickle.dumps(("echo", (_Evil(marker),))), request_id=7)
     frame = peer.read_frame()
     assert frame is not None and frame.kind is FrameKind.ERROR and frame.request_id == 7
-    body = payload.loads(frame.control, frame.buffers)
-    assert body["code"] == "protocol" and "posix.system" in body["message"]
     assert not marker.exists()
+    peer.request(messages.Ping(), request_id=8)  # the connection serves on
+    reply = peer.read_frame()
+    assert reply is not None and reply.kind is FrameKind.RESPONSE and reply.request_id == 8
     with djinn.connect(server.address) as other:
         assert other.ping() > 0
+
+
+def _hash_bomb() -> bytes:
+    """What froze the old server in a HELLO: tuples sharing their children through the
+    pickle memo (2^60 leaves in a few hundred bytes), which it decoded before auth."""
+    shared: object = ()
+    for _ in range(60):
+        shared = (shared, shared)
+    return pickle.dumps(shared, protocol=5)  # the memo keeps it linear; hashing it would not
+
+
+def test_a_hash_bomb_hello_is_refused_at_once(server: ServerProcess) -> None:
+    peer = RawPeer(server.address)
+    start = time.perf_counter()
+    peer.send_frame(FrameKind.HELLO, _hash_bomb()[:128])
+    body = error_of(peer)
+    assert body.code == "protocol" and "malformed handshake" in body.message
+    assert time.perf_counter() - start < 2.0
+    with djinn.connect(server.address) as other:
+        assert other.ping() < 1.0
 
 
 def test_help_lists_the_options_and_never_the_token() -> None:

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import IO
 
+import djinn
 from djinn.errors import DjinnError
 
 _READY = re.compile(r"listening on \[?([^\]\s]+?)\]?:(\d+)")
@@ -35,7 +36,7 @@ class ServerProcess:
         self.args = ["--host", "127.0.0.1", "--port", "0", *args]
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         # the child imports the same djinn as this process, installed or not
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(djinn.__file__)))
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, self.env.get("PYTHONPATH", "")) if p
         )
