@@ -99,17 +99,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# Fields (of a GenerationConfig or a component) that hold token ids: each is an index into
-# the scores, so one outside the vocabulary is a device-side assert on CUDA.
-_TOKEN_FIELDS: Final = (
-    "pad_token_id bos_token_id eos_token_id forced_bos_token_id forced_eos_token_id "
-    "suppress_tokens begin_suppress_tokens bad_words_ids sequence_bias"
+# Fields (of a GenerationConfig or a component) whose token ids index the scores: one
+# outside the vocabulary is a device-side assert on CUDA, which ends every session.
+_INDEXING: Final = (
+    "forced_bos_token_id forced_eos_token_id suppress_tokens begin_suppress_tokens "
+    "bad_words_ids sequence_bias"
 ).split()
 
 
-def check_token_ids(fields: Mapping[str, Any], vocab: int, what: str = "generate") -> None:
-    """UsageError when any token id among `fields` lies outside [0, vocab)."""
-    for name in _TOKEN_FIELDS:
+def check_token_ids(
+    fields: Mapping[str, Any], vocab: int, what: str = "generate", strict: bool = False
+) -> None:
+    """UsageError when a token id among `fields` would index outside [0, vocab).
+
+    End-of-sequence ids outside the vocabulary are harmless (they are never made,
+    as with GPT-2's default 50256 on a smaller model) unless a minimum length
+    masks them; the pad token is fed to finished rows, so it must be inside once
+    any end-of-sequence id can finish a row. `strict` (a processor or criterion
+    built by the caller) checks every token id it holds.
+    """
+    names = list(_INDEXING)
+    eos = _ids(fields.get("eos_token_id"))
+    if strict or fields.get("min_length") or fields.get("min_new_tokens"):
+        names.append("eos_token_id")
+    if strict or any(0 <= token < vocab for token in eos):
+        names.append("pad_token_id")
+        if fields.get("pad_token_id") is None and eos:  # transformers pads with the first eos
+            fields = {**fields, "pad_token_id": eos[0]}
+    for name in names:
         value = fields.get(name)
         if value is None:
             continue

@@ -273,7 +273,8 @@ class RemoteModel:
         attentions = bool(bound.get("output_attentions"))
         item = self.dtype.itemsize
         kept = new if keep == 0 else min(keep, new)
-        logits_bytes = rows * kept * self._facts.vocab_size * item
+        row_bytes = rows * self._facts.vocab_size * item  # one position of every row
+        cache_bytes = rows * (cached + new) * self._facts.kv_bytes_per_token(item)
         phase = detect_phase(cached)
         self._session.phase = phase
         decided = plan(
@@ -283,10 +284,15 @@ class RemoteModel:
                 inputs=tuple(_input_value(n, t) for n, t in inputs.items())
                 + ((_cache_value(cache),) if cache is not None else ()),
                 outputs=(
-                    Value("logits", Lifecycle.ACTIVATION, logits_bytes),
-                    Value("logits[:, -1]", Lifecycle.OUTPUT, rows * self._facts.vocab_size * item),
+                    # the positions before the last: nobody reads them in a decode loop
+                    Value("logits[:, :-1]", Lifecycle.ACTIVATION, row_bytes * (kept - 1)),
+                    Value("logits[:, -1]", Lifecycle.OUTPUT, row_bytes),
                 )
-                + ((Value("past_key_values", Lifecycle.SESSION_STATE, 0),) if use_cache else ())
+                + (
+                    (Value("past_key_values", Lifecycle.SESSION_STATE, cache_bytes),)
+                    if use_cache
+                    else ()
+                )
                 + ((Value("loss", Lifecycle.OUTPUT, 4, read=True),) if "labels" in inputs else ()),
             ),
             self.policy,
@@ -363,7 +369,7 @@ class RemoteModel:
         fetch: list[messages.Fetch] = []
         logits: RemoteTensor | None = None
         tail: Ref | None = None
-        if decided.data("logits"):
+        if decided.data("logits[:, -1]") and (kept == 1 or decided.data("logits[:, :-1]")):
             fetch.append(messages.Fetch(logits_ref.id))
         else:
             vocab = self._facts.vocab_size

@@ -73,7 +73,7 @@ class GenerateCall:
         vocab = model._facts.vocab_size
         check_token_ids(self.config.to_dict(), vocab)
         for spec in (*processors, *criteria):
-            check_token_ids(spec.kwargs, vocab, f"use {spec.name}")
+            check_token_ids(spec.kwargs, vocab, f"use {spec.name}", strict=True)
         if self.config.do_sample and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # the caller's RNG, as local sampling
         self.return_dict = bool(self.config.return_dict_in_generate)

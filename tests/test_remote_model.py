@@ -172,7 +172,7 @@ def test_every_decision_is_recorded(
         ("weights", Lifecycle.WEIGHT, uploaded)
     ]
     assert weights[0].bytes == (rm.weight_bytes if rm.uploaded_bytes else 0)
-    assert ("forward", "logits", Lifecycle.ACTIVATION, Decision.REFERENCE) in records
+    assert ("forward", "logits[:, :-1]", Lifecycle.ACTIVATION, Decision.REFERENCE) in records
     assert ("forward", "logits[:, -1]", Lifecycle.OUTPUT, Decision.REFERENCE) in records
     assert ("forward", "past_key_values", Lifecycle.SESSION_STATE, Decision.REFERENCE) in records
     assert stats["by_lifecycle"]["session_state"]["data_bytes"] == 0
@@ -454,3 +454,81 @@ def test_unknown_policy_names_the_choices(
 ) -> None:
     with pytest.raises(UsageError, match="semantic_blind, partially_aware, full"):
         RemoteModel(models["gpt2"], server.address, policy="magic")
+
+
+def _small_vocab_gpt2() -> torch.nn.Module:
+    """One logits row of 4,000 bytes: what the old size rule mistook for 'small'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=1000, n_positions=256)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_logits_have_the_local_shape_for_a_small_vocabulary(
+    server: ServerProcess, policy: str
+) -> None:
+    model = _small_vocab_gpt2()
+    ids = prompt(length=9) % 1000
+    with torch.no_grad():
+        local = model(ids).logits
+    with RemoteModel(model, server.address, policy=policy) as rm:
+        logits = rm(ids).logits
+        assert tuple(logits.shape) == tuple(local.shape) == (1, 9, 1000)
+        got = logits.cpu() if isinstance(logits, RemoteTensor) else logits
+        torch.testing.assert_close(got, local)
+
+
+def test_full_generate_moves_under_64_bytes_per_token_for_a_small_vocabulary(
+    server: ServerProcess,
+) -> None:
+    model = _small_vocab_gpt2()
+    ids = prompt(length=9) % 1000
+    with RemoteModel(model, server.address) as rm:
+        rm.generate(ids, max_new_tokens=1)  # warm: the prompt and the reply's fixed part
+        short = rm.stats()
+        rm.generate(ids, max_new_tokens=1)
+        one = rm.stats()
+        rm.generate(ids, max_new_tokens=41)
+        many = rm.stats()
+    fixed = (one["bytes_sent"] + one["bytes_received"]) - (
+        short["bytes_sent"] + short["bytes_received"]
+    )
+    total = (many["bytes_sent"] + many["bytes_received"]) - (
+        one["bytes_sent"] + one["bytes_received"]
+    )
+    assert (total - fixed) / 40 <= 64, (fixed, total)
+
+
+@pytest.mark.parametrize("vocab", [1000, VOCAB])
+def test_a_loop_reading_only_the_token_moves_under_a_kib_per_step(
+    server: ServerProcess, vocab: int
+) -> None:
+    model = _small_vocab_gpt2() if vocab == 1000 else tiny_gpt2()
+    with RemoteModel(model, server.address) as rm:
+        sent, received = _step_bytes(rm, prompt(length=20) % vocab, steps=12)
+    per_step = [s + r for s, r in zip(sent, received, strict=True)]
+    assert max(per_step) < 1024, per_step
+
+
+def test_the_decisions_explain_the_bytes_on_the_wire(server: ServerProcess) -> None:
+    model = _small_vocab_gpt2()
+    with RemoteModel(model, server.address, policy="semantic_blind") as rm:
+        before = rm.stats()
+        payload_before = sum(r.bytes for r in rm.decisions)
+        out = rm(prompt(length=20) % 1000)
+        for _ in range(5):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = rm(token, past_key_values=out.past_key_values)
+        after = rm.stats()
+        payload = sum(r.bytes for r in rm.decisions) - payload_before
+    wire = (
+        after["bytes_sent"]
+        + after["bytes_received"]
+        - before["bytes_sent"]
+        - before["bytes_received"]
+    )
+    calls = after["calls"] - before["calls"]
+    # the recorded payload is what crossed, less the frames' headers and control
+    assert payload <= wire <= payload + 400 * calls, (payload, wire, calls)

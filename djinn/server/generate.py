@@ -73,7 +73,7 @@ def run_generate(
     vocab = model.facts.vocab_size
     check_token_ids(config.to_dict(), vocab)  # a forged request: the client checked too
     for spec in (*args.processors, *args.criteria):
-        check_token_ids(spec.kwargs, vocab, f"use {spec.name}")
+        check_token_ids(spec.kwargs, vocab, f"use {spec.name}", strict=True)
     processors = [build_component(c, "processor") for c in args.processors]
     criteria = [build_component(c, "criteria") for c in args.criteria]
     from transformers import LogitsProcessorList, StoppingCriteriaList
