@@ -256,8 +256,12 @@ def summary_md(
     return "\n".join([*lines, ""])
 
 
-def plot(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
-    import matplotlib
+def plot(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> bool:
+    """The latency and data chart, where matplotlib (the `plot` extra) is installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -294,6 +298,7 @@ def plot(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # -- the experiment -----------------------------------------------------------------------
@@ -407,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out_dir / f"comparison_report_{stamp}.json").write_text(json.dumps(report, indent=1))
     (out_dir / "summary.md").write_text(summary_md(meta, results, comparison))
-    plot(out_dir / "latency.png", results, meta)
+    if not plot(out_dir / "latency.png", results, meta):
+        print("no chart: matplotlib is not installed (pip install 'djinn[plot]')")
 
     print()
     print(f"Experiment 2.1 -- {model_id} on {meta['device']}, link: {meta['link']}")

@@ -100,7 +100,16 @@ def _child(address: str, what: str) -> None:
     time.sleep(60)
 
 
-def _kill_cycles(address: str, what: str, cycles: int) -> None:
+def _busy(observer: djinn.Client, what: str) -> bool:
+    """The child's work is under way on the server: its payload is arriving, or its
+    generate holds the device."""
+    stats = observer.server_stats()
+    if what == "transfer":
+        return bool(stats["receive_in_use_bytes"])
+    return bool(stats["queued_calls"])
+
+
+def _kill_cycles(address: str, what: str, cycles: int, observer: djinn.Client) -> None:
     for _ in range(cycles):
         pid = os.fork()
         if pid == 0:
@@ -108,7 +117,7 @@ def _kill_cycles(address: str, what: str, cycles: int) -> None:
                 _child(address, what)
             finally:
                 os._exit(0)
-        time.sleep(0.4)
+        assert eventually(lambda: _busy(observer, what), seconds=30), "the child never got going"
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 
@@ -117,10 +126,10 @@ def _kill_cycles(address: str, what: str, cycles: int) -> None:
 def test_killed_clients_leave_nothing_behind(fresh: ServerProcess, what: str) -> None:
     RemoteModel(tiny_gpt2(seed=1), fresh.address).close()  # registered once, up front
     with djinn.connect(fresh.address) as observer:
-        _kill_cycles(fresh.address, what, 2)  # warm up the server's allocators
+        _kill_cycles(fresh.address, what, 2, observer)  # warm up the server's allocators
         assert eventually(lambda: settled(observer, BASELINE))
         rss = psutil.Process(fresh.pid).memory_info().rss
-        _kill_cycles(fresh.address, what, 6)
+        _kill_cycles(fresh.address, what, 6, observer)
         assert eventually(lambda: settled(observer, BASELINE))
         grown = psutil.Process(fresh.pid).memory_info().rss - rss
         assert grown < 64 * 2**20, f"server RSS grew {grown / 2**20:.0f} MiB over 6 kills"
@@ -135,8 +144,9 @@ def test_a_killed_server_fails_pending_calls_and_a_restart_needs_no_upload(tmp_p
     big = logits.repeat(1, 50, 1)[0]  # [10000, 2000]
     slow = big @ big.T  # 4e11 flops: seconds of work the server will not finish
     pid = os.fork()
-    if pid == 0:
-        time.sleep(0.5)
+    if pid == 0:  # once the slow job holds the device, kill the server under it
+        with djinn.connect(proc.address) as observer:
+            eventually(lambda: _busy(observer, "generate"), seconds=30)
         os.kill(proc.pid, signal.SIGKILL)
         os._exit(0)
     start = time.monotonic()
