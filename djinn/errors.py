@@ -219,6 +219,34 @@ def to_wire(exc: BaseException, user_code: bool = False) -> tuple[str, str, str]
     )
 
 
+class _Lines:
+    """At most `limit` log lines per `window_s`; the next line after a quiet spell
+    says how many were left out, so a client cannot flood the server's log."""
+
+    def __init__(self, limit: int = 20, window_s: float = 10.0) -> None:
+        self._limit = limit
+        self._window_s = window_s
+        self._start = 0.0
+        self._count = 0
+        self._dropped = 0
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._start >= self._window_s:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count > self._limit:
+            self._dropped += 1
+            return
+        if self._dropped:
+            text += f" ({self._dropped} more failures not logged)"
+            self._dropped = 0
+        log.info(text)
+
+
+failed_call = _Lines()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:500] if text else ""

@@ -39,8 +39,8 @@ FRAME_MIN_S: Final = 10.0
 FRAME_MIN_RATE: Final = 8e6
 
 
-def frame_deadline(nbytes: int) -> float:
-    return FRAME_MIN_S + nbytes / FRAME_MIN_RATE
+def frame_deadline(nbytes: int, base_s: float = FRAME_MIN_S) -> float:
+    return base_s + nbytes / FRAME_MIN_RATE
 
 
 class Peer(Protocol):
@@ -65,10 +65,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         limits: Limits = DEFAULT_LIMITS,
         *,
         backpressure: bool = False,
+        frame_timeout_s: float = FRAME_MIN_S,
     ) -> None:
         """With `backpressure`, stop reading while writes are backed up: a peer
         that does not read its replies stops getting its requests read, so
-        what it can make this side hold is bounded."""
+        what it can make this side hold is bounded. A frame's payload must
+        arrive within `frame_deadline(bytes, frame_timeout_s)`."""
         self.decoder = FrameDecoder(allocate, limits)
         self._backpressure = backpressure
         self.peer_limits = DEFAULT_LIMITS
@@ -79,6 +81,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._drain: asyncio.Future[None] | None = None
         self._lost_reason: Exception | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._frame_timeout_s = frame_timeout_s
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -107,17 +110,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
         pending = self.decoder.payload_bytes
         if pending and self._deadline is None:
             loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(frame_deadline(pending), self._on_deadline, pending)
+            seconds = frame_deadline(pending, self._frame_timeout_s)
+            self._deadline = loop.call_later(seconds, self._on_deadline, pending, seconds)
         elif not pending and self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _on_deadline(self, pending: int) -> None:
+    def _on_deadline(self, pending: int, seconds: float) -> None:
         self._deadline = None
         self.abort(
             RemoteProtocolError(
                 f"cannot receive frame: its {pending}-byte payload did not arrive within "
-                f"{frame_deadline(pending):.0f}s"
+                f"{seconds:.0f}s"
             )
         )
 

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections", type=int, default=512, help="connections at once; more are refused"
     )
     net.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a frame's payload may take to arrive, plus 1 s per 8 MB of it",
+    )
+    net.add_argument(
         "--receive-budget",
         type=float,
         default=8.0,
@@ -158,6 +164,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         memory_budget_bytes=int(args.memory_budget * GIB),
         max_connections=args.max_connections,
         receive_budget_bytes=int(args.receive_budget * GIB),
+        frame_timeout_s=args.frame_timeout,
         link_gbps=args.link_gbps,
         link_latency_s=args.link_latency_ms / 1e3,
         max_queued=args.max_queued,

@@ -45,6 +45,7 @@ class ServerConfig:
     max_calls_per_connection: int = 1024
     receive_budget_bytes: int = 8 * GIB  # large receive buffers in use at once
     connection_receive_share: float = 0.5  # ... of which one connection may hold
+    frame_timeout_s: float = 10.0  # a frame's payload must arrive within this + 1 s per 8 MB
     limits: Limits = DEFAULT_LIMITS
     link_gbps: float | None = None  # emulate a link: pace replies to this bandwidth
     link_latency_s: float = 0.0

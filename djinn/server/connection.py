@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 from djinn import messages
 from djinn.errors import (
     AuthenticationError,
+    InternalServerError,
     ProtocolError,
     RemoteProtocolError,
     ServerBusyError,
+    failed_call,
     to_wire,
 )
 from djinn.net import codec, handshake
@@ -48,7 +50,13 @@ class ServerConnection:
             server.device.receive_pool,
             int(config.receive_budget_bytes * config.connection_receive_share),
         )
-        self.protocol = FrameProtocol(self, share, HANDSHAKE_LIMITS, backpressure=True)
+        self.protocol = FrameProtocol(
+            self,
+            share,
+            HANDSHAKE_LIMITS,
+            backpressure=True,
+            frame_timeout_s=config.frame_timeout_s,
+        )
         self.owner = Owner(peer="?")
         self._shake = handshake.ServerHandshake(config.token, server.info())
         self._running: dict[int, tuple[asyncio.Task[None], Job]] = {}
@@ -203,6 +211,10 @@ class ServerConnection:
         else:
             code, message, kind = to_wire(exc)
         failure = messages.Failure(code, message[:4096], kind, op)
+        if code != InternalServerError.code:  # those are logged with their incident id
+            failed_call(
+                f"{self.peer}: call failed: {code}: {(message.splitlines() or [''])[0][:200]}"
+            )
         self._send(Frame(FrameKind.ERROR, request_id, codec.encode(failure)[0]))
 
 

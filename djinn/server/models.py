@@ -283,7 +283,14 @@ class ModelStore:
                         f"cannot commit: the uploaded weights hash to {digest[:16]}..., "
                         f"not to the registered fingerprint {fingerprint[:16]}..."
                     )
-                await asyncio.get_running_loop().run_in_executor(None, upload.finish)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, upload.finish)
+                if upload.spec.kind == "transformers":  # what its config builds, before storing it
+                    meta = json.loads((upload.staging / "djinn.json").read_text())
+                    size = await loop.run_in_executor(
+                        None, _meta_size, upload.staging, meta, self._dtype
+                    )
+                    self.check_fits(size, f"model {fingerprint[:12]}")
                 with contextlib.suppress(OSError):  # a racing twin may have stored it first
                     upload.staging.rename(self._path(fingerprint))
             finally:
@@ -486,13 +493,21 @@ def _meta_size(path: Path, meta: Mapping[str, Any], dtype: torch.dtype | None) -
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     with torch.device("meta"):
         module = cls(config)
-    expected = {name for name, _, _ in meta["manifest"]} | {a for a, _ in meta.get("aliases", [])}
+    shapes = {name: list(shape) for name, _, shape in meta["manifest"]}
+    sources = dict(meta.get("aliases", []))
     params = dict(module.named_parameters(remove_duplicate=False))
-    missing = [name for name in params if name not in expected]
+    missing = [n for n in params if n not in shapes and sources.get(n) not in shapes]
     if missing:
         raise RemoteUsageError(
             f"cannot load model: its config builds weights the upload lacks: {sorted(missing)[:5]}"
         )
+    for name, param in params.items():
+        uploaded = shapes.get(name) or shapes[sources[name]]
+        if list(param.shape) != uploaded:
+            raise RemoteUsageError(
+                f"cannot load model: its config builds {name} as {list(param.shape)}, "
+                f"the upload holds {uploaded}"
+            )
     total = 0
     seen: set[int] = set()
     for tensor in (*module.parameters(), *module.buffers()):
