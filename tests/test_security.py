@@ -7,8 +7,8 @@ typed error, in bounded time, and that other clients carry on.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import socket
 import struct
 import threading
@@ -32,7 +32,7 @@ from djinn.errors import (
     StoreCorruptError,
     UsageError,
 )
-from djinn.net.codec import Ref, wire_value
+from djinn.net.codec import wire_value
 from djinn.net.frame import MAGIC, PROTOCOL_VERSION, FrameKind
 from djinn.server.sessions import REF_OVERHEAD_BYTES
 from harness.server import ServerProcess
@@ -257,9 +257,9 @@ def test_a_config_that_builds_more_than_its_manifest_is_refused_without_allocati
     forged = messages.ModelSpec(
         spec.kind, spec.cls, spec.fingerprint, spec.manifest, spec.aliases, config, None, None
     )
-    from djinn.fingerprint import fingerprint
-
     import msgspec
+
+    from djinn.fingerprint import fingerprint
 
     forged = msgspec.structs.replace(forged, fingerprint=fingerprint(forged, tensors))
     process = psutil.Process(tight.pid)
@@ -327,10 +327,8 @@ def test_work_stops_when_its_connection_closes(tight: ServerProcess) -> None:
 
 
 def _swallow(fn: Callable[[], object]) -> None:
-    try:
+    with contextlib.suppress(Exception):
         fn()
-    except Exception:
-        pass
 
 
 def test_a_long_generate_does_not_hold_the_device_from_others(tight: ServerProcess) -> None:
@@ -380,10 +378,8 @@ def test_one_connection_holds_at_most_its_share_of_the_receive_budget(tight: Ser
     hog = _announce(tight.address, 40 * MIB)  # more than half of the 64 MiB budget
     hog.settimeout(5)
     data = b""
-    try:
+    with contextlib.suppress(OSError):
         data = hog.recv(65536)
-    except OSError:
-        pass
     assert b"share" in data or data == b""  # refused
     with djinn.connect(tight.address) as other:
         assert other.echo(torch.ones(4 * MIB // 4)).sum() == MIB  # 4 MiB fits
@@ -448,9 +444,11 @@ def test_a_damaged_store_entry_is_quarantined_and_uploaded_again(
         del data[len(data) // 2 :]
     shard.write_bytes(bytes(data))
     with ServerProcess(*args) as proc:
-        with djinn.connect(proc.address) as client:
-            with pytest.raises(StoreCorruptError, match="register the model again"):
-                client.request(messages.OpenSession(rm.fingerprint), messages.SessionOpened)
+        with (
+            djinn.connect(proc.address) as client,
+            pytest.raises(StoreCorruptError, match="register the model again"),
+        ):
+            client.request(messages.OpenSession(rm.fingerprint), messages.SessionOpened)
         assert any(p.name.startswith(".quarantine-") for p in store.iterdir())
         with RemoteModel(model, proc.address) as again:
             assert again.uploaded_bytes > 0
@@ -489,7 +487,7 @@ def test_unexpected_errors_reach_the_client_without_traceback_or_paths(
         assert "/" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
-# -- the queue limit -----------------------------------------------------------------------------------
+# -- the queue limit -------------------------------------------------------------------------
 
 
 def test_a_chain_of_a_thousand_queued_operations(tight: ServerProcess) -> None:
