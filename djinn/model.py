@@ -460,8 +460,9 @@ class RemoteModel:
         """transformers' generate, run on the server: takes what `model.generate` takes and
         returns what it returns. Greedy and beam search give the local model's tokens;
         sampling draws its seed from the caller's torch RNG (so `torch.manual_seed`
-        repeats a sample). Streamers get tokens as they are made. A timeout or Ctrl-C
-        cancels the generate on the server."""
+        repeats a sample), or from `seed=`. Streamers get tokens as they are made.
+        `timeout=` (seconds) bounds the call; running past it, or Ctrl-C, cancels the
+        generate on the server."""
         if not self._lm:
             raise UsageError("cannot generate: this RemoteModel wraps a plain nn.Module")
         self._check_weights()

@@ -68,6 +68,7 @@ class GenerateCall:
             component(c, "stopping_criteria") for c in kwargs.pop("stopping_criteria", None) or []
         ]
         seed = kwargs.pop("seed", None)
+        self.timeout: float | None = kwargs.pop("timeout", None)
         self.config = self._merged(kwargs.pop("generation_config", None), kwargs)
         fields = self._fields(kwargs)
         vocab = model._facts.vocab_size
@@ -158,7 +159,7 @@ class GenerateCall:
     def run(self) -> Any:
         if self.streamer is not None:
             self.streamer.put(_prompt(self.ids))
-        reply = self._session.generate(self.args, self._on_tokens)
+        reply = self._session.generate(self.args, self._on_tokens, self.timeout)
         if self.streamer is not None:
             self.streamer.end()
         return self._result(reply)
@@ -174,7 +175,8 @@ class GenerateCall:
         finished = False
         try:
             while True:
-                event = client.connection.next_partial(request_id, timeout=client.timeout)
+                wait = self.timeout if self.timeout is not None else client.timeout
+                event = client.connection.next_partial(request_id, timeout=wait)
                 if isinstance(event, messages.Streamed):
                     tokens = event.tokens
                     yield tokens[:, None] if tokens.dim() == 1 else tokens

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 # Large enough that one row of logits (VOCAB * 4 bytes) is not a "small value".
 VOCAB = 2000
@@ -39,7 +51,46 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def _decoder(config_cls: type, model_cls: type, seed: int, **extra: object) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = config_cls(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    model: PreTrainedModel = model_cls(config).eval()
+    return model
+
+
+def tiny_qwen2(seed: int = 0) -> PreTrainedModel:
+    return _decoder(Qwen2Config, Qwen2ForCausalLM, seed, num_key_value_heads=2)
+
+
+def tiny_mistral(seed: int = 0) -> PreTrainedModel:
+    return _decoder(
+        MistralConfig, MistralForCausalLM, seed, num_key_value_heads=2, sliding_window=64
+    )
+
+
+def tiny_neox(seed: int = 0) -> PreTrainedModel:
+    return _decoder(GPTNeoXConfig, GPTNeoXForCausalLM, seed)
+
+
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+# The five families the transformers parity matrix runs against.
+FAMILIES = {
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+    "qwen2": tiny_qwen2,
+    "mistral": tiny_mistral,
+    "gpt_neox": tiny_neox,
+}
 
 
 def prompt(batch: int = 1, length: int = 12, seed: int = 1) -> torch.Tensor:
