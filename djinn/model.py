@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Final
 
 import torch
@@ -468,7 +468,7 @@ class RemoteModel:
         self._check_weights()
         return GenerateCall(self, inputs, kwargs).run()
 
-    def stream(self, inputs: Any = None, **kwargs: Any) -> Iterator[torch.Tensor]:
+    def stream(self, inputs: Any = None, **kwargs: Any) -> Generator[torch.Tensor, None, None]:
         """Yields each step's new tokens, [batch, 1], as `generate` makes them; leaving the
         loop early cancels the generate on the server."""
         if not self._lm:

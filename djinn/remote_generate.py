@@ -11,7 +11,7 @@ streams; processors and criteria travel as data (djinn.generation).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -168,7 +168,7 @@ class GenerateCall:
         if self.streamer is not None:
             self.streamer.put(streamed.tokens)
 
-    def stream(self) -> Iterator[torch.Tensor]:
+    def stream(self) -> Generator[torch.Tensor, None, None]:
         args = msgspec.structs.replace(self.args, stream=True)
         session, client = self._session, self._model.client
         request_id, queue = session.send_generate(args)
