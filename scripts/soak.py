@@ -36,6 +36,7 @@ import signal
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,15 +114,14 @@ def kills_and_churn(args: argparse.Namespace, server: ServerProcess) -> list[tup
         if cycle == 4:
             rows.append(("after 4 warm-up kills", mib(process)))
         what = "transfer" if cycle % 2 else "generate"
-        pid = os.fork()
-        if pid == 0:
-            try:
-                victim(server.address, what)
-            finally:
-                os._exit(0)
-        wait_for(lambda w=what: busy(observer, w))  # type: ignore[misc]
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        # a fresh interpreter: a forked child of a process whose OpenMP pool runs can
+        # hang in its first parallel torch operation
+        child = subprocess.Popen([sys.executable, __file__, "--victim", server.address, what])
+        try:
+            wait_for(lambda w=what: busy(observer, w))  # type: ignore[misc]
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
         worst = max(worst, wait_for(lambda: settled(observer), seconds=10))
     rows.append((f"after {args.kills} more kills (settled within {worst:.2f}s each)", mib(process)))
     with djinn.RemoteModel(model, observer) as rm:
@@ -323,7 +323,11 @@ def main() -> None:
     parser.add_argument(
         "--rss-slack", type=float, default=64.0, help="MiB the server may keep after"
     )
+    parser.add_argument("--victim", nargs=2, metavar=("ADDRESS", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.victim:  # a child of the kill cycles
+        victim(*args.victim)
+        return
     store = tempfile.mkdtemp(prefix="djinn-soak-")
     server_args = ["--device", "cpu", "--log-level", "WARNING", "--store", store]
     if args.adversarial:  # limits small enough that each attack meets one
