@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import djinn  # noqa: E402
-from harness.server import ServerProcess  # noqa: E402
+from harness.server import ServerProcess, pin  # noqa: E402
 
 _RAW_SERVER = r"""
 import socket, struct, sys
@@ -90,12 +90,6 @@ class RawEcho:
     def close(self) -> None:
         self.sock.close()
         self.proc.wait(timeout=10)
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Put every thread of process `pid` on one CPU."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), {cpu})
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -248,7 +248,7 @@ class BlockingConnection(Driver):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DjinnTimeoutError(timeout_message(what, self.address, timeout))
-        if remaining < self._timeout:
+        if remaining < 0.5 * self._timeout:  # a wait may overrun its deadline by at most 2x
             self._set_timeout(remaining)
         try:
             received = self._sock.recv_into(self._core.get_buffer())
@@ -285,7 +285,7 @@ class BlockingConnection(Driver):
             return
         if self.link is not None:
             time.sleep(self.link.delay(sum(memoryview(b).nbytes for b in buffers)))
-        if timeout != self._timeout:
+        if not 0.5 * timeout <= self._timeout <= timeout:
             self._set_timeout(timeout)
         try:
             if len(buffers) == 1:

@@ -19,12 +19,16 @@ class Lifecycle(enum.Enum):
     ACTIVATION = "activation"
     OUTPUT = "output"
 
+    __hash__ = object.__hash__  # members are singletons; Enum hashes by name, in Python
+
 
 class Phase(enum.Enum):
     """PREFILL reads a whole prompt into an empty cache; DECODE extends a cache by a few tokens."""
 
     PREFILL = "prefill"
     DECODE = "decode"
+
+    __hash__ = object.__hash__  # members are singletons; Enum hashes by name, in Python
 
 
 def detect_phase(cached_tokens: int) -> Phase:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from djinn.semantics.lifecycle import Lifecycle, Phase
 from djinn.semantics.policy import Decision, Policy
@@ -41,9 +40,9 @@ class Side(enum.Enum):
     SERVER = "server"
 
 
-@dataclass(frozen=True, slots=True)
-class Value:
-    """One input or output of a call, as the planner sees it."""
+class Value(NamedTuple):
+    """One input or output of a call, as the planner sees it. (NamedTuples: a decode
+    loop plans several calls per token, and these cost a third of a dataclass.)"""
 
     name: str
     lifecycle: Lifecycle
@@ -52,16 +51,14 @@ class Value:
     read: bool = False  # user code reads it now
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(NamedTuple):
     op: str
     phase: Phase
     inputs: tuple[Value, ...] = ()
     outputs: tuple[Value, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(NamedTuple):
     value: Value
     decision: Decision
     reason: str
@@ -85,15 +82,16 @@ class Plan:
         return self._by_name[name].decision is Decision.DATA
 
     def records(self) -> list[DecisionRecord]:
+        op, phase, data = self.call.op, self.call.phase, Decision.DATA
         return [
             DecisionRecord(
-                op=self.call.op,
-                value=p.value.name,
-                lifecycle=p.value.lifecycle,
-                decision=p.decision,
-                bytes=p.value.nbytes if p.decision is Decision.DATA else 0,
-                phase=self.call.phase,
-                reason=p.reason,
+                op,
+                p.value.name,
+                p.value.lifecycle,
+                p.decision,
+                p.value.nbytes if p.decision is data else 0,
+                phase,
+                p.reason,
             )
             for p in self.placements
         ]

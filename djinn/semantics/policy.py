@@ -23,6 +23,8 @@ class Decision(enum.Enum):
     DATA = "data"  # send the bytes
     REFERENCE = "reference"  # keep it where it is; send a reference
 
+    __hash__ = object.__hash__  # members are singletons; Enum hashes by name, in Python
+
 
 @dataclass(frozen=True, eq=False)  # compared (and cached by) identity: tables are not hashable
 class Policy:

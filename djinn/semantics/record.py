@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from djinn.semantics.lifecycle import Lifecycle, Phase
 from djinn.semantics.policy import Decision
@@ -14,8 +13,7 @@ from djinn.semantics.policy import Decision
 RECORD_CAPACITY: Final = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class DecisionRecord:
+class DecisionRecord(NamedTuple):
     op: str
     value: str
     lifecycle: Lifecycle

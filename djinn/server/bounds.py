@@ -31,12 +31,17 @@ _LEGACY_TUPLE_LIMIT: Final = 32
 
 
 class Deferred:
-    """The flags of one batch: (operation index, name, any-bad flag on the device, error)."""
+    """The flags of one batch: (operation index, name, any-bad flag on the device, error).
 
-    def __init__(self) -> None:
+    `eager`: values on the host are read at once instead (a CPU server: reading them
+    costs no synchronization there), and a bad one raises its error immediately.
+    """
+
+    def __init__(self, eager: bool = False) -> None:
         self._flags: list[tuple[int, str, torch.Tensor, RemoteUsageError]] = []
         self.op = 0
         self.name = ""
+        self.eager = eager
 
     def at(self, index: int, name: str) -> None:
         """The operation that the next flags belong to."""
@@ -78,6 +83,10 @@ def within(
     values: torch.Tensor, low: int, high: int, error: RemoteUsageError, deferred: Deferred
 ) -> torch.Tensor:
     """`values` with each one outside [low, high) replaced by 0, flagged as `error`."""
+    if deferred.eager and values.device.type == "cpu":
+        if values.numel() and (int(values.min()) < low or int(values.max()) >= high):
+            raise error
+        return values
     bad = (values < low) | (values >= high)
     deferred.flag(bad, error)
     return values.masked_fill(bad, 0)

@@ -93,7 +93,8 @@ def run_ops(
     Raises OpFailed at the first failing operation (what ran before it is kept),
     LostReferenceError for a fetch of a value the session does not hold.
     """
-    ctx = Context(job, device, session, server_ids, Batch(), Deferred(), prefill_chunk)
+    deferred = Deferred(eager=not device.is_cuda)
+    ctx = Context(job, device, session, server_ids, Batch(), deferred, prefill_chunk)
     last_use = _last_uses(prelude)
     made_before: list[int] = []  # per operation: how many values the batch had made before it
     for index, op in enumerate(prelude.ops):
@@ -128,8 +129,12 @@ def run_ops(
 def _last_uses(prelude: messages.Prelude) -> dict[int, list[int]]:
     """For each released reference the batch makes and nobody fetches: the index of
     the last operation that reads it, after which it can go."""
+    if not prelude.released:
+        return {}
     made = {i for op in prelude.ops for i in _outputs(op)}
     doomed = (set(prelude.released) & made) - {f.ref for f in prelude.fetch}
+    if not doomed:  # a decode loop releases what earlier calls made
+        return {}
     last: dict[int, int] = {
         ref_id: index
         for index, op in enumerate(prelude.ops)
@@ -207,16 +212,16 @@ def _run_tensor_op(ctx: Context, index: int, op: TensorOp) -> None:
     nbytes = output_bytes(op.name, fn, args, kwargs)
     ctx.reserve(nbytes, f"run {op.name}")
     result = fn(*args, **kwargs)
-    tensors = [leaf for leaf in _leaves(result) if isinstance(leaf, torch.Tensor)]
-    if op.describe:
-        ids: Iterator[int] = ctx.server_ids
-    elif len(tensors) != len(op.out):
-        raise RemoteUsageError(f"{op.name} made {len(tensors)} tensors, expected {len(op.out)}")
-    else:
-        ids = iter(op.out)
-    structure, metas = _store(ctx, result, ids, nbytes)
-    if op.describe:
+    if op.describe:  # the client could not name the results: the server says what they are
+        structure, metas = _store(ctx, result, ctx.server_ids, nbytes)
         ctx.batch.described[index] = messages.Described(structure, metas)
+        return
+    tensors = [leaf for leaf in _leaves(result) if isinstance(leaf, torch.Tensor)]
+    if len(tensors) != len(op.out):
+        raise RemoteUsageError(f"{op.name} made {len(tensors)} tensors, expected {len(op.out)}")
+    for ref_id, tensor in zip(op.out, tensors, strict=True):
+        ctx.keep(ref_id, tensor, nbytes)
+        nbytes = 0  # the op's bytes, counted once
 
 
 def _store(
