@@ -98,6 +98,10 @@ class Hasher:
     def update(self, tensor: torch.Tensor) -> None:
         self._hash.update(tensor_bytes(tensor))
 
+    def update_bytes(self, data: memoryview) -> None:
+        """Part of a weight's bytes, as a file holds them (row-major, little-endian)."""
+        self._hash.update(data)
+
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 

@@ -266,9 +266,11 @@ class Commit(Message, tag="commit"):
 
 
 class OpenSession(Message, tag="open"):
-    """A session on a model: a fingerprint, a name the server holds, or None (no model)."""
+    """A session on a model: a fingerprint, a name the server holds, or None (no model).
+    `describe` asks for the model's card: a client that attached by name has no config."""
 
     model: _Name | None = None
+    describe: bool = False
 
 
 class CloseSession(Message, tag="close"):
@@ -322,9 +324,18 @@ class Registered(Message, tag="registered"):
     chunk_bytes: int = 0
 
 
+class ModelCard(Message):
+    """A transformers model as a client stands in for it: class, config, generation defaults."""
+
+    cls: str
+    config: dict[str, Any]
+    generation_config: dict[str, Any] | None = None
+
+
 class SessionOpened(Message, tag="opened"):
     session: str
     fingerprint: str | None = None
+    card: ModelCard | None = None
 
 
 class Ran(Message, tag="ran"):

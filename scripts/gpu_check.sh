@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The prepared device check: run once on a CUDA machine; about 5 minutes on one H100
+# before llama-7b was added (about 3 more, not yet measured on a device)
 # (314 s at 7775ce6, 40 s of it the first upload of gpt2-xl's 6.2 GB; about 2 minutes
 # more where it diagnoses a missed target). Each step has a time cap, and the GPU
 # tests, last, get what is left of BUDGET_S (default 570): the whole check ends
@@ -11,7 +12,7 @@
 # often reach no package registry). Writes into OUT_DIR: env.txt (torch, CUDA,
 # GPU, the host's CPUs), gpu_check.log (everything printed), the experiment's
 # summary.md, comparison_report.json and latency.png (gpt2-xl, 5 runs of all
-# four baselines), bench_transport.json. Where full_djinn misses its per-token
+# four baselines), llama-7b/ (the same, 3 runs), bench_transport.json. Where full_djinn misses its per-token
 # target, also full_only/ (full_djinn against native alone) and the
 # device-thread benchmark with its operator profile (in the log).
 set -uo pipefail
@@ -81,6 +82,14 @@ else
         scripts/bench_executor.py --model gpt2-xl --device cuda --runs 3 --profile
 fi
 rm -rf "$EXP"
+# the seed's next step: Llama-2-7B's shape in fp16, its seeded weights written once (13.5 GB,
+# about a minute) and served by path, so no weights cross the wire
+LLAMA="$(mktemp -d)"
+step "experiment 2.1, llama-7b" timeout 300 "$PY" scripts/exp2_1.py --model llama-7b --runs 3 \
+    --warmup 1 --device cuda --out "$LLAMA" --store "$LLAMA/store"
+mkdir -p "$OUT/llama-7b"
+cp "$LLAMA/summary.md" "$LLAMA"/comparison_report_*.json "$OUT/llama-7b/" 2>/dev/null
+rm -rf "$LLAMA"
 step "transport, tensors in GPU memory" timeout 40 "$PY" scripts/bench_transport.py \
     --device cuda --pings 2000 --rounds 5 --repeats 5 --json "$OUT/bench_transport.json"
 left=$((BUDGET_S - SECONDS))

@@ -19,7 +19,7 @@ import torch
 
 from djinn import messages
 from djinn.errors import LimitExceededError, LostReferenceError, RemoteUsageError
-from djinn.net.codec import wire_value
+from djinn.net.codec import Ref, wire_value
 from djinn.server import inference
 from djinn.server.bounds import Deferred
 from djinn.server.device import Job
@@ -63,7 +63,7 @@ def stats(call: Call, msg: messages.Stats) -> messages.StatsReply:
 
 
 def models(call: Call, msg: messages.Models) -> messages.ModelsReply:
-    return messages.ModelsReply(call.server.models.infos())
+    return messages.ModelsReply(call.server.models.listing())
 
 
 async def register(call: Call, msg: messages.Register) -> messages.Registered:
@@ -87,12 +87,13 @@ async def open_session(call: Call, msg: messages.OpenSession) -> messages.Sessio
         await server.models.load(fingerprint)
         model = server.models.acquire(fingerprint)
     try:
+        card = server.models.card(model) if model is not None and msg.describe else None
         session = server.sessions.open(call.owner, model)
     except BaseException:
         if model is not None:
             server.models.release(model)
         raise
-    return messages.SessionOpened(session.id, model.fingerprint if model else None)
+    return messages.SessionOpened(session.id, model.fingerprint if model else None, card)
 
 
 def close_session(call: Call, msg: messages.CloseSession) -> messages.Done:
@@ -132,10 +133,12 @@ def _commit(session: Session, batch: inference.Batch) -> None:
             session.recount(ref_id)
 
 
-async def _run_device(call: Call, session: Session, work: Callable[..., Any], *args: Any) -> Any:
+async def _run_device(
+    call: Call, session: Session, work: Callable[..., Any], *args: Any, short: bool = False
+) -> Any:
     server = call.server
     try:
-        return await server.device.run(call.job, work, session, *args)
+        return await server.device.run(call.job, work, session, *args, short=short)
     except inference.OpFailed as failed:
         _commit(session, failed.done)  # what ran before the failure stays usable
         raise
@@ -154,9 +157,33 @@ async def run(call: Call, msg: messages.Run) -> messages.Ran:
     async with _in_session(call, msg.session, msg.prelude) as session:
         if not msg.prelude.ops and not msg.prelude.fetch:
             return messages.Ran()
-        batch = await _run_device(call, session, _prelude_job, call, msg.prelude)
+        short = _is_step(msg.prelude)
+        batch = await _run_device(call, session, _prelude_job, call, msg.prelude, short=short)
         _commit(session, batch)
         return messages.Ran(wire_value(batch.values), _wired(batch.described))
+
+
+# A call this small is one decode step of a user's loop: a forward of a token or
+# two and the operations that pick the next one.
+_STEP_OPS = 4
+_STEP_TOKENS = 8
+
+
+def _is_step(prelude: messages.Prelude) -> bool:
+    if len(prelude.ops) > _STEP_OPS:
+        return False
+    for op in prelude.ops:
+        if isinstance(op, messages.CallOp):
+            return False
+        if isinstance(op, messages.ForwardOp):
+            ids = op.input_ids
+            if op.labels is not None or op.output_hidden_states or op.output_attentions:
+                return False
+            if not isinstance(ids, Ref) and not (
+                isinstance(ids, torch.Tensor) and ids.numel() <= _STEP_TOKENS
+            ):
+                return False
+    return True
 
 
 def _generate_job(

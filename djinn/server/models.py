@@ -41,7 +41,7 @@ import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -51,12 +51,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from djinn import messages
+from djinn.checkpoint import Folder, changed, fingerprint_of, generation_dict, read_folder
 from djinn.errors import (
     QuotaExceededError,
     RemoteCodeRefusedError,
     RemoteUsageError,
     ServerBusyError,
     StoreCorruptError,
+    UsageError,
 )
 from djinn.fingerprint import Hasher
 from djinn.modelfacts import ModelFacts, cache_arg
@@ -135,10 +137,16 @@ class Upload:
             text = json.dumps(spec.generation_config, indent=1)
             (self.staging / "generation_config.json").write_text(text)
         files = {p.name: file_sha256(p) for p in sorted(self.staging.iterdir()) if p.is_file()}
-        meta = msgspec.structs.asdict(msgspec.structs.replace(spec, config=None, code=None))
-        meta["manifest"] = [[e.name, e.dtype, e.shape] for e in spec.manifest]
+        meta = _spec_meta(spec)
         meta["files"] = files
         (self.staging / "djinn.json").write_text(json.dumps(meta))
+
+
+def _spec_meta(spec: messages.ModelSpec) -> dict[str, Any]:
+    """A spec as djinn.json stores it: without the config and code, which lie in files."""
+    meta = msgspec.structs.asdict(msgspec.structs.replace(spec, config=None, code=None))
+    meta["manifest"] = [[e.name, e.dtype, e.shape] for e in spec.manifest]
+    return meta
 
 
 def file_sha256(path: Path) -> str:
@@ -167,8 +175,34 @@ class ModelStore:
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._uploads: dict[str, Upload] = {}
+        self._writing = 0  # uploads and commits writing to the store now
         self.names: dict[str, str] = {}  # --model NAME -> fingerprint
+        self._named: dict[str, Folder] = {}  # fingerprint -> the folder it is read from
         self._sweep_staging()
+        for name, path in config.models:
+            self.hold(name, path)
+
+    def hold(self, name: str, path: Path) -> None:
+        """Serve the model folder `path` (the server's own disk) under `name`. It is read
+        from there when first used, never copied into the store. Raises UsageError."""
+        if messages.is_fingerprint(name):
+            raise UsageError(
+                f"cannot hold {name[:16]}...: a --model name must not look like a fingerprint"
+            )
+        folder = read_folder(path)
+        began = time.perf_counter()
+        fingerprint = fingerprint_of(folder, self._root / ".fingerprints.json")
+        spec = msgspec.structs.replace(folder.spec, fingerprint=fingerprint)
+        self._named[fingerprint] = folder._replace(spec=spec)
+        self.names[name] = fingerprint
+        log.info(
+            "model %s: %s (%s), fingerprint %s (%.1f s)",
+            name,
+            folder.path,
+            spec.cls,
+            fingerprint[:12],
+            time.perf_counter() - began,
+        )
 
     def __len__(self) -> int:
         return len(self._models)
@@ -176,6 +210,23 @@ class ModelStore:
     @property
     def resident_bytes(self) -> int:
         return sum(m.nbytes for m in self._models.values())
+
+    def resident(self) -> list[tuple[str, int]]:
+        """(fingerprint, bytes) of every model in memory."""
+        return [(fp, model.nbytes) for fp, model in self._models.items()]
+
+    @property
+    def loading(self) -> int:
+        """Models being read from the store or written to it now."""
+        return len(self._loading) + self._writing
+
+    @contextlib.asynccontextmanager
+    async def _busy(self) -> AsyncIterator[None]:
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
 
     def _path(self, fingerprint: str) -> Path:
         return self._root / fingerprint
@@ -187,7 +238,11 @@ class ModelStore:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def stored(self, fingerprint: str) -> bool:
-        return fingerprint in self._models or (self._path(fingerprint) / "djinn.json").exists()
+        return (
+            fingerprint in self._models
+            or fingerprint in self._named
+            or (self._path(fingerprint) / "djinn.json").exists()
+        )
 
     def resolve(self, model: str) -> str:
         """A model id from a client: a fingerprint, or a name given with --model.
@@ -243,7 +298,7 @@ class ModelStore:
             raise RemoteUsageError("cannot upload: register this fingerprint first")
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise RemoteUsageError("cannot upload: expected a list of tensors")
-        async with upload.lock:
+        async with upload.lock, self._busy():
             manifest = upload.spec.manifest
             if start != upload.next_index or start + len(tensors) > len(manifest):
                 raise RemoteUsageError(
@@ -269,7 +324,7 @@ class ModelStore:
         upload = self._uploads.get(fingerprint)
         if upload is None or upload.owner is not owner:
             raise RemoteUsageError("cannot commit: register this fingerprint first")
-        async with upload.lock:
+        async with upload.lock, self._busy():
             del self._uploads[fingerprint]
             try:
                 if upload.next_index != len(upload.spec.manifest):
@@ -375,6 +430,15 @@ class ModelStore:
     def _inspect(self, fingerprint: str) -> tuple[dict[str, Any], int]:
         """The stored spec, checked file by file, and the bytes the model will take,
         counted on the meta device before anything is allocated."""
+        folder = self._named.get(fingerprint)
+        if folder is not None:
+            if changed(folder):
+                raise RemoteUsageError(
+                    f"cannot load model {fingerprint[:12]}: the files in {folder.path.name} "
+                    "changed since the server started; restart it to serve them"
+                )
+            meta = _spec_meta(folder.spec)
+            return meta, _meta_size(folder.path, meta, self._dtype)
         path = self._path(fingerprint)
         try:
             meta = json.loads((path / "djinn.json").read_text())
@@ -411,7 +475,8 @@ class ModelStore:
         )
 
     def _load_from_disk(self, fingerprint: str, meta: dict[str, Any]) -> LoadedModel:
-        path = self._path(fingerprint)
+        named = self._named.get(fingerprint)
+        path = named.path if named is not None else self._path(fingerprint)
         try:
             if meta["kind"] == "transformers":
                 module = _load_transformers(path, meta, self._dtype)
@@ -449,10 +514,11 @@ class ModelStore:
         model.refcount -= 1
         model.last_used = time.monotonic()
 
-    def infos(self) -> list[messages.ModelInfo]:
-        """Every model the server holds in memory, by name where it has one."""
+    def listing(self) -> list[messages.ModelInfo]:
+        """Every model the server can serve: in memory (resident), or only on disk (held by
+        --model or in the store), by name where it has one."""
         names = {fp: name for name, fp in self.names.items()}
-        return [
+        out = [
             messages.ModelInfo(
                 name=names.get(fp, ""),
                 fingerprint=fp,
@@ -463,6 +529,45 @@ class ModelStore:
             )
             for fp, model in self._models.items()
         ]
+        on_disk = {fp: folder.spec for fp, folder in self._named.items()}
+        for meta_file in sorted(self._root.glob("*/djinn.json")) if self._root.is_dir() else []:
+            fp = meta_file.parent.name
+            if messages.is_fingerprint(fp) and fp not in on_disk:
+                with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                    meta = json.loads(meta_file.read_text())
+                    entries = [messages.TensorEntry(n, d, sh) for n, d, sh in meta["manifest"]]
+                    on_disk[fp] = messages.ModelSpec(meta["kind"], meta["cls"], fp, entries)
+        for fp, spec in on_disk.items():
+            if fp in self._models:
+                continue
+            dtypes = [e.dtype for e in spec.manifest if TORCH_DTYPES[e.dtype][0].is_floating_point]
+            out.append(
+                messages.ModelInfo(
+                    name=names.get(fp, ""),
+                    fingerprint=fp,
+                    parameters=sum(math.prod(e.shape) for e in spec.manifest),
+                    dtype=max(set(dtypes), key=dtypes.count) if dtypes else "",
+                    resident=False,
+                    nbytes=manifest_bytes(spec.manifest, self._dtype),
+                )
+            )
+        return out
+
+    def card(self, model: LoadedModel) -> messages.ModelCard:
+        """What a client needs to stand in for a model it attached by name."""
+        import transformers
+
+        module = model.module
+        config = getattr(module, "config", None)
+        if config is None or getattr(transformers, type(module).__name__, None) is not type(module):
+            raise RemoteUsageError(
+                "cannot describe this model: only transformers models can be attached by name"
+            )
+        return messages.ModelCard(
+            type(module).__name__,
+            json.loads(config.to_json_string(use_diff=False)),
+            generation_dict(getattr(module, "generation_config", None)),
+        )
 
 
 def _refuse_code() -> RemoteCodeRefusedError:
