@@ -22,8 +22,9 @@ import torch
 
 from djinn import messages, ops
 from djinn.errors import UsageError
-from djinn.net.codec import Ref, wire_value
-from djinn.semantics import Call, Lifecycle, Side, Value, plan
+from djinn.kvcache import cache_from_layers
+from djinn.net.codec import OutgoingTuple, Ref, wire_value
+from djinn.semantics import Call, Decision, Lifecycle, Side, Value, plan
 from djinn.tree import map_tree
 
 if TYPE_CHECKING:
@@ -252,36 +253,21 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             f"cannot run {label} on a RemoteTensor: it is not among the operations djinn runs "
             "on the server (djinn.ops); read the tensor with .cpu() first"
         )
-    sessions: list[RemoteSession] = []
-    remote: list[RemoteTensor] = []
-    local: list[torch.Tensor] = []
-
-    def visit(value: Any) -> Any:
-        if isinstance(value, RemoteTensor):
-            if all(s is not value._session for s in sessions):
-                sessions.append(value._session)
-            remote.append(value)
-        elif isinstance(value, torch.Tensor):
-            local.append(value)
-        return value
-
-    map_tree((args, kwargs), visit)
-    if len(sessions) != 1:
-        raise UsageError(
-            f"cannot run {label}: it mixes tensors of {len(sessions)} sessions; "
-            "server values belong to the RemoteModel that made them; fetch one with .cpu()"
-        )
-    known = _known_locally(name, args, remote)
-    if known is not None:
-        return func(*known, **map_tree(kwargs, _local_value))
-    session = sessions[0]
-    wire = map_tree((args, kwargs), _to_wire)
+    scan = _Scan()
+    wire_args = scan.wire(args)
+    wire_kwargs = scan.wire(kwargs)
+    session = scan.session(label)
+    if scan.known:
+        known = _known_locally(name, args, scan.remote)
+        if known is not None:
+            return func(*known, **map_tree(kwargs, _local_value))
     try:
-        inferred = _infer(name, func, args, kwargs)
+        inferred = _infer(name, func, scan.key, args, kwargs)
     except NotImplementedError:  # a data-dependent shape: the server says what it made
-        result = _described(session, name, label, wire)
+        result = _described(session, name, label, (wire_args, wire_kwargs))
+        outputs = [v for v in _leaves(result) if isinstance(v, RemoteTensor)]
     else:
-        outputs: list[RemoteTensor] = []
+        outputs = []
 
         def handle(meta: Any) -> Any:
             if not isinstance(meta, torch.Tensor):
@@ -289,22 +275,74 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             outputs.append(RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype, label))
             return outputs[-1]
 
-        result = _rebuild(inferred, handle)
-        op = messages.TensorOp(
-            name, wire_value(wire[0]), wire_value(wire[1]), [t.ref.id for t in outputs]
+        result = (
+            handle(inferred) if isinstance(inferred, torch.Tensor) else _rebuild(inferred, handle)
         )
+        op = messages.TensorOp(name, wire_args, wire_kwargs, [t.ref.id for t in outputs])
         from djinn.session import user_site
 
         site = user_site()
         session.enqueue(op, label, site)
         for out in outputs:
             session.track(out.ref, out, site, label)
-    _record(session, label, remote, local, result)
+    if _record(session, label, scan, outputs):  # the policy wants results as data at once
+        _rebuild(result, lambda v: v.cpu() if isinstance(v, RemoteTensor) else v)
     return result
 
 
-def _to_wire(value: Any) -> Any:
-    return value.ref if isinstance(value, RemoteTensor) else value
+class _Scan:
+    """One walk over an operation's arguments: their wire form (RemoteTensors as Refs,
+    tuples kept), the tensors in them, and a hashable key of what meta inference
+    depends on (shapes and dtypes, not values)."""
+
+    __slots__ = ("key", "known", "local", "remote", "sessions")
+
+    def __init__(self) -> None:
+        self.remote: list[RemoteTensor] = []
+        self.local: list[torch.Tensor] = []
+        self.sessions: list[RemoteSession] = []
+        self.known = False  # some RemoteTensor's value (or last row) is here already
+        self.key: list[Any] = []
+
+    def wire(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is RemoteTensor:
+            if value._session not in self.sessions:
+                self.sessions.append(value._session)
+            self.remote.append(value)
+            self.known = self.known or value._value is not None or value._tail is not None
+            self.key.append((value.shape, value.dtype))
+            return value._ref
+        if kind is tuple or kind is list:
+            self.key.append((kind, len(value)))
+            items = [self.wire(v) for v in value]
+            return OutgoingTuple(items) if kind is tuple else items
+        if kind is dict:
+            self.key.append((dict, tuple(value)))
+            return {k: self.wire(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            self.local.append(value)
+            self.key.append((value.shape, value.dtype, value.device.type))
+            return value
+        if kind is slice:
+            self.key.append((slice, value.start, value.stop, value.step))
+            return value
+        self.key.append((kind, value))  # 1, 1.0 and True infer different dtypes
+        return wire_value(value)
+
+    def session(self, label: str) -> RemoteSession:
+        if len(self.sessions) != 1:
+            raise UsageError(
+                f"cannot run {label}: it mixes tensors of {len(self.sessions)} sessions; "
+                "server values belong to the RemoteModel that made them; fetch one with .cpu()"
+            )
+        return self.sessions[0]
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
 
 
 def _local_value(value: Any) -> Any:
@@ -344,7 +382,7 @@ def _last_position_key(key: Any, shape: torch.Size) -> Any:
 
 
 def _described(session: RemoteSession, name: str, label: str, wire: Any) -> Any:
-    op = messages.TensorOp(name, wire_value(wire[0]), wire_value(wire[1]), [], describe=True)
+    op = messages.TensorOp(name, wire[0], wire[1], [], describe=True)
     index = session.enqueue(op, label)
     return remote_tree(session, session.run().described[index], label)
 
@@ -363,28 +401,15 @@ def remote_tree(session: RemoteSession, described: messages.Described, name: str
     return map_tree(described.structure, build)
 
 
-def _record(
-    session: RemoteSession,
-    label: str,
-    remote: list[RemoteTensor],
-    local: list[torch.Tensor],
-    result: Any,
-) -> None:
-    outputs: list[Value] = []
-
-    def visit(value: Any) -> Any:
-        if isinstance(value, RemoteTensor):
-            outputs.append(Value("output", Lifecycle.OUTPUT, value.nbytes))
-        return value
-
-    _rebuild(result, visit)
-    inputs = [Value("input", Lifecycle.ACTIVATION, 0) for _ in remote] + [
-        Value("input", Lifecycle.ACTIVATION, t.nbytes, Side.CLIENT) for t in local
-    ]
-    decided = plan(Call(label, session.phase, tuple(inputs), tuple(outputs)), session.policy)
+def _record(session: RemoteSession, label: str, scan: _Scan, outputs: list[RemoteTensor]) -> bool:
+    """Record the operation's placements; True when the policy returns its results as data."""
+    inputs = tuple(Value("input", Lifecycle.ACTIVATION, 0) for _ in scan.remote) + tuple(
+        Value("input", Lifecycle.ACTIVATION, t.nbytes, Side.CLIENT) for t in scan.local
+    )
+    results = tuple(Value("output", Lifecycle.OUTPUT, t.nbytes) for t in outputs)
+    decided = plan(Call(label, session.phase, inputs, results), session.policy)
     session.record(decided)
-    if outputs and any(decided.data(p.value.name) for p in decided.placements[len(inputs) :]):
-        _rebuild(result, lambda v: v.cpu() if isinstance(v, RemoteTensor) else v)
+    return bool(results) and decided.placements[-1].decision is Decision.DATA
 
 
 # Shapes and dtypes of results by operation and argument signature: a decode
@@ -394,46 +419,29 @@ _INFERRED: dict[Any, Any] = {}
 _INFERRED_LIMIT: Final = 4096
 
 
-def _infer(name: str, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+def _infer(name: str, func: Callable[..., Any], key: list[Any], args: Any, kwargs: Any) -> Any:
     """The result as meta tensors. Raises what torch raises for bad arguments,
     NotImplementedError when the result's shape depends on the values."""
     try:
-        key: Any = (name, _signature(args), _signature(kwargs))
-        hash(key)
+        signature: Any = (name, *key)
+        hash(signature)
     except TypeError:  # an unhashable argument: infer without remembering
-        key = None
-    if key is not None and key in _INFERRED:
-        return _INFERRED[key]
+        signature = None
+    if signature is not None:
+        known = _INFERRED.get(signature)
+        if known is not None:
+            return known
     try:
         inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
     except RuntimeError as exc:
         if "meta" in str(exc) or "data-dependent" in str(exc):
             raise NotImplementedError(str(exc)) from None
         raise
-    if key is not None:
+    if signature is not None:
         if len(_INFERRED) >= _INFERRED_LIMIT:
             _INFERRED.clear()
-        _INFERRED[key] = inferred
+        _INFERRED[signature] = inferred
     return inferred
-
-
-def _signature(value: Any) -> Any:
-    """What meta inference depends on, hashable: shapes and dtypes, not values."""
-    if isinstance(value, (RemoteTensor, torch.Tensor)):
-        return (
-            "tensor",
-            tuple(value.shape),
-            value.dtype,
-            value.device.type if isinstance(value, torch.Tensor) else "remote",
-        )
-    kind = type(value)
-    if kind is slice:
-        return (slice, _signature(value.start), _signature(value.stop), _signature(value.step))
-    if kind in (tuple, list):
-        return (kind, tuple(_signature(v) for v in value))
-    if kind is dict:
-        return (dict, tuple((k, _signature(v)) for k, v in value.items()))
-    return (kind, value)  # 1, 1.0 and True infer different dtypes
 
 
 def _to_meta(value: Any) -> Any:
@@ -463,6 +471,13 @@ class RemoteCache(_Handle):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens cached, as transformers' Cache.get_seq_length (no round trip)."""
         return self._length
+
+    def fetch(self) -> Any:
+        """The keys and values, here, as a DynamicCache: one round trip moving all of
+        them. For checks and for moving a conversation off the server; decoding on
+        passes the RemoteCache back instead."""
+        ran = self._session.run([messages.Fetch(self._ref.id, "cache")])
+        return cache_from_layers(ran.values[self._ref.id])
 
     def _update(self, length: int) -> None:
         self._length = length

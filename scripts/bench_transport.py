@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import djinn  # noqa: E402
 from harness.server import ServerProcess, pin  # noqa: E402
+from harness.stats import Paired, outliers, percentile  # noqa: E402
 
 _RAW_SERVER = r"""
 import socket, struct, sys
@@ -92,11 +93,6 @@ class RawEcho:
         self.proc.wait(timeout=10)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def time_calls(fn, count: int) -> list[float]:  # type: ignore[no-untyped-def]
     samples = []
     for _ in range(count):
@@ -140,7 +136,8 @@ def main() -> None:
         # process, and the ratio is taken per round, so drift hits both alike.
         raw_rt: list[float] = []
         ping_rt: list[float] = []
-        ratios: list[float] = []
+        raw_p50: list[float] = []
+        ping_p50: list[float] = []
         per_round = max(100, args.pings // args.rounds)
         for _ in range(args.rounds):
             raw = RawEcho(64, server_cpu)
@@ -149,13 +146,16 @@ def main() -> None:
             raw.close()
             time_calls(client.ping, 100)
             ping_round = time_calls(client.ping, per_round)
-            ratios.append(percentile(ping_round, 0.5) / percentile(raw_round, 0.5))
+            raw_p50.append(percentile(raw_round, 0.5))
+            ping_p50.append(percentile(ping_round, 0.5))
             raw_rt += raw_round
             ping_rt += ping_round
         for name, samples in (("raw_socket", raw_rt), ("djinn_ping", ping_rt)):
             results[f"{name}_p50_us"] = percentile(samples, 0.50) * 1e6
             results[f"{name}_p99_us"] = percentile(samples, 0.99) * 1e6
-        results["ping_p50_ratio_vs_raw"] = statistics.median(ratios)
+        ping_paired = Paired.of(ping_p50, raw_p50)
+        results["ping_p50_ratio_vs_raw"] = ping_paired.median
+        flagged = len(outliers(raw_p50)) + len(outliers(ping_p50))
 
         raw = RawEcho(nbytes, server_cpu)
 
@@ -184,10 +184,11 @@ def main() -> None:
             bulk["inband_pickle"] += time_calls(pickle_echo, 1)
         for name, samples in bulk.items():
             results[f"{name}_gbps"] = 2 * nbytes / statistics.median(samples) / 1e9
+            flagged += len(outliers(samples))
+        echo_paired = Paired.of(bulk["raw_socket"], bulk["djinn_echo"])  # rate ratio
         raw.close()
 
-    ping_ratio = results["ping_p50_ratio_vs_raw"]
-    echo_ratio = results["djinn_echo_gbps"] / results["raw_socket_gbps"]
+    echo_ratio = echo_paired.median
     pickle_ratio = results["djinn_echo_gbps"] / results["inband_pickle_gbps"]
     results.update(
         echo_ratio_vs_raw=echo_ratio,
@@ -201,15 +202,23 @@ def main() -> None:
     print(f"{'small round trip':<28}{'p50 us':>10}{'p99 us':>10}")
     for name in ("raw_socket", "djinn_ping"):
         print(f"{name:<28}{results[name + '_p50_us']:>10.1f}{results[name + '_p99_us']:>10.1f}")
-    print(f"{'djinn / raw (p50, median of rounds)':<28}{ping_ratio:>6.2f}x   (target <= 2.00x)")
+    print(f"djinn / raw, p50 per round, paired: {ping_paired.describe('.2f')}")
+    print(f"  target <= 2.00x: {verdict(ping_paired.below(2.0))}")
     print()
     print(f"{f'{args.mib} MiB echo, one way':<28}{'GB/s':>10}")
     for name in ("raw_socket", "djinn_echo", "inband_pickle"):
         print(f"{name:<28}{results[name + '_gbps']:>10.2f}")
-    print(f"{'djinn / raw':<28}{echo_ratio:>10.2f}x   (target >= 0.70x)")
+    print(f"djinn / raw rate, paired repeats: {echo_paired.describe('.2f')}")
+    above = None if echo_paired.low < 0.7 <= echo_paired.high else echo_paired.low >= 0.7
+    print(f"  target >= 0.70x: {verdict(above)}")
     print(f"{'djinn / in-band pickle':<28}{pickle_ratio:>10.2f}x")
+    print(f"\noutliers (rounds or repeats over 3x their side's median, kept): {flagged}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "met", False: "missed", None: "cannot conclude (the interval straddles it)"}[ok]
 
 
 if __name__ == "__main__":

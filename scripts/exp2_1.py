@@ -15,6 +15,7 @@ Run it through scripts/run_exp2_1.sh, which sets up the environment first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Before torch loads OpenMP: an idle pool must sleep, not spin on the cores the other
+# process (client or server) is timed on. The server inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -37,17 +41,23 @@ from djinn.cli import HelpFormatter  # noqa: E402
 from djinn.net.link import Link  # noqa: E402
 from harness.exp2_1 import (  # noqa: E402
     BASELINES,
+    LLAMA_PRESETS,
+    MIN_DISTINCT,
     POLICIES,
     PRESETS,
     SEED_TABLE,
     Local,
     aggregate,
     build_model,
-    percentile,
+    check,
+    llama_folder,
     prompt_ids,
     timed_run,
+    trace,
+    wait_idle,
 )
 from harness.server import ServerProcess  # noqa: E402
+from harness.stats import OUTLIER_FACTOR, Paired, outliers, percentile  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,8 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default="gpt2-xl" if cuda else "gpt2",
-        help=f"a GPT-2 preset ({', '.join(PRESETS)}) with seeded random weights, or a local "
-        "model folder loaded with from_pretrained; gpt2-xl where CUDA is available, else gpt2",
+        help=f"a GPT-2 preset ({', '.join(PRESETS)}) or a Llama preset "
+        f"({', '.join(LLAMA_PRESETS)}; llama-7b needs CUDA) with seeded random weights, or a "
+        "local model folder loaded with from_pretrained; gpt2-xl where CUDA is available, "
+        "else gpt2. Llama presets are written once to $DJINN_WEIGHTS (default "
+        "~/.cache/djinn/weights) and served by path (--model NAME=PATH on the server)",
     )
     p.add_argument("--runs", type=int, default=30, help="counted runs per baseline")
     p.add_argument("--warmup", type=int, default=2, help="uncounted runs per baseline first")
@@ -72,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model dtype; auto is float16 for llama-7b, float32 otherwise",
     )
     p.add_argument("--out", type=Path, help="output folder (default: results/exp2_1_<UTC time>)")
     p.add_argument("--store", type=Path, help="the server's weight store (default: its own)")
@@ -83,7 +99,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--link-latency-ms", type=float, default=0.0, help="one-way latency of that link"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random preset weights")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch threads for the native baseline and for the server alike; the default, "
+        "half the CPUs, keeps the two processes from oversubscribing one machine",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the untimed pass that compares every step's logits and the final KV "
+        "cache of each remote baseline with native's",
+    )
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = "float16" if args.model == "llama-7b" else "float32"
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = set(args.baselines) - set(BASELINES)
     if unknown or not args.baselines:
@@ -92,31 +123,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.baselines.insert(
             0, "native_pytorch"
         )  # the reference every other run is checked against
-    if args.runs < 1 or args.warmup < 0 or args.prompt_tokens < 1 or args.new_tokens < 1:
-        p.error("--runs, --prompt-tokens and --new-tokens must be >= 1, --warmup >= 0")
+    if min(args.runs, args.prompt_tokens, args.new_tokens, args.threads) < 1 or args.warmup < 0:
+        p.error("--runs, --prompt-tokens, --new-tokens and --threads must be >= 1, --warmup >= 0")
     if args.link_gbps is not None and args.link_gbps <= 0:
         p.error("--link-gbps must be positive")
     return args
 
 
 def compare(results: dict[str, dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """The seed's comparison metrics, plus the targets this project holds itself to."""
+    """The seed's comparison metrics as paired medians with their spread, the runs
+    flagged as outliers, and the targets this project holds itself to: met, missed,
+    or (None) too spread out to tell."""
     native = results["native_pytorch"]
+    per_token = {name: [r["per_token_ms"] for r in r_["runs"]] for name, r_ in results.items()}
     out: dict[str, Any] = {}
     full = results.get("full_djinn")
     blind = results.get("semantic_blind")
     if full:
-        paired = [
-            f["per_token_ms"] / n["per_token_ms"]
-            for f, n in zip(full["runs"], native["runs"], strict=True)
-        ]
-        out["full_vs_native_speedup"] = (
-            native["aggregates"]["mean_total_ms"] / full["aggregates"]["mean_total_ms"]
-        )
-        out["full_over_native_per_token"] = (
-            full["aggregates"]["mean_per_token_ms"] / native["aggregates"]["mean_per_token_ms"]
-        )
-        out["full_over_native_per_token_paired_median"] = statistics.median(paired)
+        paired = Paired.of(per_token["full_djinn"], per_token["native_pytorch"])
+        out["full_over_native_per_token"] = dataclasses.asdict(paired)
         # the split of full's time: the server's device thread, and everything else
         new_tokens = full["runs"][0]["tokens_generated"]
         out["full_server_busy_per_token_ms"] = (
@@ -126,18 +151,23 @@ def compare(results: dict[str, dict[str, Any]], device: torch.device) -> dict[st
             full["aggregates"]["mean_per_token_ms"] - out["full_server_busy_per_token_ms"]
         )
     if full and blind:
-        out["full_vs_blind_speedup"] = (
-            blind["aggregates"]["mean_total_ms"] / full["aggregates"]["mean_total_ms"]
+        out["full_vs_blind_speedup"] = dataclasses.asdict(
+            Paired.of(per_token["semantic_blind"], per_token["full_djinn"])
         )
         full_mb, blind_mb = full["aggregates"]["data_mb"], blind["aggregates"]["data_mb"]
         out["data_savings_pct"] = 100 * (1 - full_mb / blind_mb) if blind_mb else 0.0
         out["blind_over_full_data"] = blind_mb / full_mb if full_mb else math.inf
+    out["outliers"] = {
+        name: [
+            {"run_id": i, "total_ms": result["runs"][i]["total_ms"], "x_median": x}
+            for i, x in flagged(per_token[name])
+        ]
+        for name, result in results.items()
+    }
     limit = 1.10 if device.type == "cuda" else 1.05
-    targets: dict[str, Any] = {}
+    targets: dict[str, bool | None] = {}
     if full:
-        targets[f"full per-token <= {limit}x native"] = (
-            out["full_over_native_per_token_paired_median"] <= limit
-        )
+        targets[f"full per-token <= {limit}x native"] = paired.below(limit)
         targets["full data <= 0.05 MB per run"] = full["aggregates"]["data_mb"] <= 0.05
     if full and blind:
         targets[">= 10,000x less data than semantic_blind"] = out["blind_over_full_data"] >= 10_000
@@ -148,8 +178,33 @@ def compare(results: dict[str, dict[str, Any]], device: torch.device) -> dict[st
     targets["every baseline produced the native tokens"] = all(
         r["tokens_match_native"] for r in results.values()
     )
+    distinct = len(set(native["runs"][0]["tokens"]))
+    wanted = min(MIN_DISTINCT, math.ceil(0.6 * len(native["runs"][0]["tokens"])))
+    targets[f"native tokens have >= {wanted} distinct values (found {distinct})"] = (
+        distinct >= wanted
+    )
+    checked = {n: r["verification"] for n, r in results.items() if "verification" in r}
+    if checked:
+        targets["every step's logits and the final KV cache match native"] = all(
+            v["ok"] for v in checked.values()
+        )
+    out["distinct_native_tokens"] = distinct
     out["targets"] = targets
     return out
+
+
+def flagged(values: list[float]) -> list[tuple[int, float]]:
+    """(index, times the median) of the runs more than OUTLIER_FACTOR times the median."""
+    middle = statistics.median(values)
+    return [(i, values[i] / middle) for i in outliers(values)]
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "CANNOT CONCLUDE"}[ok]
+
+
+def describe(paired: dict[str, Any]) -> str:
+    return Paired(**paired).describe()
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -168,6 +223,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         "P95 Latency (ms)",
         "Mean Per-Token (ms)",
         "Data Transfer (MB)",
+        "CPU client/server (ms)",
         "Tokens match native",
     ]
     lines = [
@@ -181,6 +237,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| **{names[name]}** | {a['mean_total_ms']:.2f} | {a['p95_total_ms']:.2f} | "
             f"{a['mean_per_token_ms']:.2f} | {shown} | "
+            f"{a['mean_client_cpu_ms']:.0f}/{a['mean_server_cpu_ms']:.0f} | "
             f"{'yes' if result['tokens_match_native'] else 'NO'} |"
         )
     return "\n".join(lines)
@@ -200,6 +257,10 @@ def summary_md(
         f"**Runs per Baseline:** {meta['runs']} (after {meta['warmup']} warm-up runs), "
         "interleaved  ",
         f"**Link:** {meta['link']}  ",
+        f"**Threads:** {meta['threads']} for native and for the server, "
+        f"OMP_WAIT_POLICY={meta['omp_wait_policy']}  ",
+        f"**Machine:** {meta['machine']}; load average {meta['load_before']} before, "
+        f"{meta['load_after']} after  ",
         f"**Date:** {meta['date']}  ",
         f"**Command:** `{meta['command']}`",
         "",
@@ -208,16 +269,18 @@ def summary_md(
         table(results),
         "",
         "Data Transfer is the mean per run of bytes sent plus received on the wire "
-        "(headers included), in MB of 10^6 bytes.",
+        "(headers included), in MB of 10^6 bytes. CPU is the mean CPU time per run of this "
+        "process and of the server process: a run whose wall time far outgrows them waited "
+        "for cores.",
         "",
         "## Comparison Metrics",
         "",
     ]
-    if "full_vs_native_speedup" in c:
+    if "full_over_native_per_token" in c:
         lines.append(
-            f"- **Full Djinn vs Native PyTorch:** {c['full_vs_native_speedup']:.2f}x speedup "
-            f"(per token {c['full_over_native_per_token']:.3f}x native by means, "
-            f"{c['full_over_native_per_token_paired_median']:.3f}x by the median of paired runs)"
+            "- **Full Djinn per token, over Native PyTorch:** "
+            f"{describe(c['full_over_native_per_token'])}. The headline is the median of "
+            "the per-run ratios of runs made side by side; the interval is a bootstrap of it."
         )
         native_ms = results["native_pytorch"]["aggregates"]["mean_per_token_ms"]
         lines.append(
@@ -227,15 +290,54 @@ def summary_md(
             f"{c['full_rest_per_token_ms']:.2f} ms elsewhere (client, wire, waiting)"
         )
     if "full_vs_blind_speedup" in c:
-        lines.append(
-            f"- **Full Djinn vs Semantic-Blind:** {c['full_vs_blind_speedup']:.2f}x speedup"
+        faster = Paired(**c["full_vs_blind_speedup"])
+        claim = (
+            f"{describe(c['full_vs_blind_speedup'])} faster"
+            if faster.low > 1
+            else f"no supported difference ({describe(c['full_vs_blind_speedup'])})"
         )
+        lines.append(f"- **Full Djinn vs Semantic-Blind:** {claim}")
         lines.append(
             f"- **Data Savings:** {c['data_savings_pct']:.4f}% "
             f"({c['blind_over_full_data']:,.0f}x less data than semantic-blind)"
         )
+    lines.append(
+        f"- **Distinct native tokens:** {c['distinct_native_tokens']} of {meta['new_tokens']}"
+    )
+    flagged_runs = [(n, o) for n, runs in c["outliers"].items() for o in runs]
+    lines.append(
+        f"- **Outliers** (runs over {OUTLIER_FACTOR:g}x their baseline's median, kept in "
+        f"every statistic): {len(flagged_runs)}"
+        + "".join(
+            f"\n  - {n} run {o['run_id']}: {o['total_ms']:,.0f} ms ({o['x_median']:.1f}x)"
+            for n, o in flagged_runs
+        )
+    )
+    checked = {n: r["verification"] for n, r in results.items() if "verification" in r}
+    if checked:
+        lines += ["", "## Verification (one untimed pass per remote baseline)", ""]
+        lines.append(
+            "Every step's last logits row and the KV cache after the last step (fetched from "
+            "the server where it stays there), against native's; tolerance "
+            f"{next(iter(checked.values()))['tolerance']:g} of the largest native value."
+        )
+        lines.append("")
+        for name, v in checked.items():
+            lines.append(
+                f"- {name}: {'ok' if v['ok'] else 'MISMATCH'}; max logit diff "
+                f"{v['max_logit_diff']:.3g} (largest logit {v['logit_scale']:.3g}); cache "
+                f"{v['cache_tokens']} of {v['native_cache_tokens']} positions, max diff "
+                f"{v['max_cache_diff']:.3g} (largest value {v['cache_scale']:.3g})"
+            )
     lines += ["", "## Targets", ""]
-    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in c["targets"].items()]
+    lines += [f"- [{verdict(ok)}] {name}" for name, ok in c["targets"].items()]
+    if None in c["targets"].values():
+        lines += [
+            "",
+            "CANNOT CONCLUDE: the 95% interval of the paired median straddles the target. "
+            "The runs were too spread out (look at the outliers and the CPU columns); rerun "
+            "with more --runs, on a quieter machine.",
+        ]
     lines += [
         "",
         "## What the seed showed, and what changed",
@@ -310,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device not in ("auto", "cpu"):
         device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = args.out or ROOT / "results" / f"exp2_1_{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,11 +420,25 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["scripts/run_exp2_1.sh", *(argv if argv is not None else sys.argv[1:])])
     log = print if sys.stderr.isatty() else lambda *a, **k: print(*a, **k, flush=True)
 
+    source, served = args.model, None  # served: the name the server holds it by
+    if args.model in LLAMA_PRESETS:
+        if args.model == "llama-7b" and device.type != "cuda":
+            print(
+                "llama-7b needs CUDA (13.5 GB of fp16 weights per copy); on this machine "
+                "run --model llama-1b, the same architecture at 1.1 B parameters"
+            )
+            return 2
+        source, served = str(llama_folder(args.model, dtype, args.seed, log)), args.model
     log(f"building {args.model} on {device} ({args.dtype}) ...")
-    model, tokenizer, model_id = build_model(args.model, device, dtype, args.seed)
+    model, tokenizer, model_id = build_model(source, device, dtype, args.seed)
+    if served:
+        model_id = f"{served} (Llama architecture, seeded random weights, seed {args.seed})"
     vocab = model.get_output_embeddings().out_features
     ids = prompt_ids(tokenizer, args.prompt_tokens, vocab).to(device)
     server_args = ["--device", str(device), "--dtype", args.dtype, "--log-level", "WARNING"]
+    server_args += ["--threads", str(args.threads)]
+    if served:
+        server_args += ["--model", f"{served}={source}"]
     server_args += ["--store", str(args.store or out_dir / "store")]
     if link:
         server_args += [
@@ -346,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "machine": f"{platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
         f"djinn {djinn.__version__}",
+        "threads": args.threads,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_before": load_average(),
     }
     log(f"starting a djinn server on 127.0.0.1 (log: {out_dir / 'server.log'}) ...")
     with ServerProcess(*server_args, log=str(out_dir / "server.log")) as server:
@@ -354,21 +474,36 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.baselines[1:]:
             log(f"registering the model for {name} ...")
             began = time.perf_counter()
-            runners[name] = djinn.RemoteModel(model, client, policy=POLICIES[name])
+            if served:  # the server reads the weights from its own disk
+                runners[name] = djinn.RemoteModel.from_pretrained(
+                    served, client, policy=POLICIES[name]
+                )
+            else:
+                runners[name] = djinn.RemoteModel(model, client, policy=POLICIES[name])
             sent = runners[name].uploaded_bytes
             held = f"uploaded {sent / 1e6:.1f} MB" if sent else "the server held it already"
             log(f"  {held}, {time.perf_counter() - began:.1f} s")
+        log("waiting for the server to be idle ...")
+        wait_idle(client)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.baselines}
         total = (args.warmup + args.runs) * len(args.baselines)
         with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
             for run_id in range(args.warmup + args.runs):
                 for name in args.baselines:
                     bar.set_postfix_str(name)
-                    remote = client if name != "native_pytorch" else None
-                    result = timed_run(runners[name], ids, args.new_tokens, device, remote)
+                    result = timed_run(runners[name], ids, args.new_tokens, device, client)
                     if run_id >= args.warmup:
                         runs[name].append({"run_id": run_id - args.warmup, **result})
                     bar.update()
+        meta["load_after"] = load_average()
+        checks = {}
+        if not args.no_verify:
+            log("verifying every step's logits and the final KV cache (untimed) ...")
+            native_trace = trace(runners["native_pytorch"], ids, args.new_tokens)
+            for name in args.baselines[1:]:
+                checks[name] = check(
+                    native_trace, trace(runners[name], ids, args.new_tokens), dtype
+                )
         for name in args.baselines[1:]:
             runners[name].close()
         client.close()
@@ -396,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs[name],
             "aggregates": aggregate(runs[name]),
             "tokens_match_native": match,
+            **({"verification": checks[name]} if name in checks else {}),
         }
         folder = out_dir / name
         folder.mkdir(exist_ok=True)
@@ -419,19 +555,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Experiment 2.1 -- {model_id} on {meta['device']}, link: {meta['link']}")
     print(table(results))
     print()
-    for key in (
-        "full_over_native_per_token_paired_median",
-        "full_server_busy_per_token_ms",
-        "full_rest_per_token_ms",
-        "full_vs_blind_speedup",
-        "blind_over_full_data",
-    ):
+    for key in ("full_over_native_per_token", "full_vs_blind_speedup"):
+        if key in comparison:
+            print(f"{key}: {describe(comparison[key])}")
+    for key in ("full_server_busy_per_token_ms", "full_rest_per_token_ms", "blind_over_full_data"):
         if key in comparison:
             print(f"{key}: {comparison[key]:,.4g}")
+    for name, v in checks.items():
+        print(
+            f"verified {name}: {'ok' if v['ok'] else 'MISMATCH'}, max logit diff "
+            f"{v['max_logit_diff']:.3g}, cache {v['cache_tokens']}/{v['native_cache_tokens']} "
+            f"positions, max diff {v['max_cache_diff']:.3g}"
+        )
+    flagged_runs = sum(len(o) for o in comparison["outliers"].values())
+    print(f"outliers (> {OUTLIER_FACTOR:g}x their baseline's median): {flagged_runs}")
     for name, ok in comparison["targets"].items():
-        print(f"[{'PASS' if ok else 'FAIL'}] {name}")
+        print(f"[{verdict(ok)}] {name}")
     print(f"\nresults in {out_dir}")
-    return 0 if comparison["targets"]["every baseline produced the native tokens"] else 1
+    correct = comparison["targets"]["every baseline produced the native tokens"] and all(
+        v["ok"] for v in checks.values()
+    )
+    return 0 if correct else 1
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

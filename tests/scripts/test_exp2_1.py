@@ -33,6 +33,8 @@ def test_prints_the_table_and_checks_tokens(run: tuple[Path, str]) -> None:
     for name in ("Native PyTorch", "Semantic-Blind", "Partially-Aware", "Full Djinn"):
         assert name in stdout
     assert "[PASS] every baseline produced the native tokens" in stdout
+    assert "[PASS] every step's logits and the final KV cache match native" in stdout
+    assert "verified full_djinn: ok" in stdout and "outliers (> 3x" in stdout
 
 
 def test_writes_every_output_the_issue_names(run: tuple[Path, str]) -> None:
@@ -50,6 +52,8 @@ def test_writes_every_output_the_issue_names(run: tuple[Path, str]) -> None:
             "bytes_sent",
             "bytes_received",
         } <= set(data["runs"][0])
+        for r in data["runs"]:  # CPU time on both ends, for every run
+            assert r["client_cpu_ms"] > 0 and r["server_cpu_ms"] >= 0
         for r in data["runs"]:  # the server's device time lies inside the client's timed span
             busy = r["server_busy_ms"]
             assert busy == 0 if name == "native_pytorch" else 0 < busy < r["total_ms"]
@@ -71,7 +75,17 @@ def test_writes_every_output_the_issue_names(run: tuple[Path, str]) -> None:
     assert baselines["native_pytorch"]["data_mb"] == 0
     assert baselines["full_djinn"]["data_mb"] < baselines["partially_aware"]["data_mb"]
     assert baselines["partially_aware"]["data_mb"] < baselines["semantic_blind"]["data_mb"]
-    assert {"full_vs_native_speedup", "full_vs_blind_speedup", "data_savings_pct"} <= set(report)
+    assert {"full_over_native_per_token", "full_vs_blind_speedup", "data_savings_pct"} <= set(
+        report
+    )
+    paired = report["full_over_native_per_token"]
+    assert paired["low"] <= paired["median"] <= paired["high"] and paired["n"] == 2
+    assert set(report["outliers"]) == set(baselines)
+    for name in ("semantic_blind", "partially_aware", "full_djinn"):  # the untimed check
+        data = json.loads(next((out / name).glob("llm_decode_*.json")).read_text())
+        check = data["verification"]
+        assert check["ok"] and check["cache_tokens"] == 24 + 6 - 1, check
+        assert check["max_logit_diff"] <= 1e-4 * check["logit_scale"]
     assert report["full_server_busy_per_token_ms"] > 0 and report["full_rest_per_token_ms"] > 0
     summary = (out / "summary.md").read_text()
     assert (
