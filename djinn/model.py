@@ -11,21 +11,28 @@ there until read. `generate` runs transformers' own generate on the server
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
-from collections.abc import Generator, Iterator
+import os
+import time
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any, Final
 
+import msgspec
 import torch
 
 from djinn import messages
+from djinn.checkpoint import Folder, fingerprint_of, read_folder, user_cache, weights
 from djinn.client import DEFAULT_TIMEOUT, Client, connect
-from djinn.errors import UsageError
+from djinn.cluster import Router, is_cluster
+from djinn.errors import ConnectionLostError, DjinnTimeoutError, ReplayError, UsageError
 from djinn.kvcache import cache_from_layers, cache_layers, cache_length
 from djinn.modelfacts import ModelFacts, check_labels, check_mask, check_positions
 from djinn.net.codec import Ref, wire_value
 from djinn.net.core import Meter
-from djinn.registration import describe, register, transformers_class, weights_version
+from djinn.registration import WeightWatch, describe, register, transformers_class
 from djinn.remote_generate import GenerateCall
 from djinn.semantics import (
     Call,
@@ -60,6 +67,7 @@ FORWARD_ARGS: Final = (
     "return_dict",
     "logits_to_keep",
 )
+_NAMED: Final = frozenset(FORWARD_ARGS)
 # nn.Module methods that would act on a local copy that does not exist.
 _LOCAL_ONLY: Final = {
     "parameters": "its weights live on the server; use the model you wrapped",
@@ -74,6 +82,9 @@ _LOCAL_ONLY: Final = {
 }
 # Placement methods: the server decides placement, so these leave the model as it is.
 _PLACEMENT: Final = ("to", "cuda", "cpu", "half", "float", "bfloat16", "double")
+# How long a session on a cluster waits for a server to resume on, and between tries.
+RECOVER_S: Final = 30.0
+RETRY_S: Final = 0.2
 
 
 class RemoteModel:
@@ -101,24 +112,95 @@ class RemoteModel:
         token: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        recover_s: float | None = None,
     ) -> None:
+        self._local: torch.nn.Module | None = model
+        self._stand_in(
+            type(model),
+            getattr(model, "config", None),
+            getattr(model, "generation_config", None),
+            transformers_class(model) is not None,
+            getattr(model, "name_or_path", "") or "",
+        )
+        key = describe(model)[0].fingerprint if is_cluster(server) else None
+        self._open(server, policy, token, timeout, key, recover_s)
+        self._guarded(lambda: self._attach(model))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        server: str | tuple[str, int] | Client = "127.0.0.1:5556",
+        policy: str | Policy = "full",
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        recover_s: float | None = None,
+    ) -> RemoteModel:
+        """A model the client never builds: a local folder (config.json and safetensors
+        shards) is fingerprinted from its files (remembered by path, size and mtime, so
+        a second attach reads nothing) and uploaded from them only if the server lacks
+        it, a shard at a time; any other name is one the server holds (`--model
+        NAME=PATH`, see `Client.models()`). The client holds the config, never the
+        weights. Raises UsageError for a bad folder, RemoteUsageError for an unknown
+        name."""
+        path = Path(name_or_path).expanduser()
+        text = str(name_or_path)
+        self = cls.__new__(cls)
+        self._local = None
+        if path.is_dir():
+            folder = _fingerprinted(read_folder(path))
+            self._open(server, policy, token, timeout, folder.spec.fingerprint, recover_s)
+            self._guarded(lambda: self._attach_folder(folder))
+        elif os.sep in text or text.startswith("."):
+            raise UsageError(f"cannot attach {text}: no such folder")
+        else:
+            self._open(server, policy, token, timeout, text, recover_s)
+            self._guarded(lambda: self._attach_name(text))
+        return self
+
+    def _open(
+        self,
+        server: str | tuple[str, int] | Client,
+        policy: str | Policy,
+        token: str | None,
+        timeout: float,
+        key: str | None,
+        recover_s: float | None,
+    ) -> None:
+        """Connect: to `server`, or through a cluster's router to the best server for the
+        model `key`. A lost server is survived for `recover_s` seconds (default: 30 on a
+        cluster, where another server can take over; 0, fail at once, otherwise)."""
         self.policy = get_policy(policy)
+        self._meter = Meter()
+        self._token, self._timeout, self._key = token, timeout, key
+        self._router = Router(server, token) if is_cluster(server) else None
+        if recover_s is None:
+            recover_s = RECOVER_S if self._router is not None else 0.0
+        self._recover_s = recover_s
         if isinstance(server, Client):
             self._client, self._owns_client = server, False
         else:
-            self._client, self._owns_client = connect(server, token=token, timeout=timeout), True
-        self._meter = Meter()
-        self._local: torch.nn.Module | None = model
-        self._lm = transformers_class(model) is not None and hasattr(model, "get_output_embeddings")
-        self.config: Any = getattr(model, "config", None)
-        generation = getattr(model, "generation_config", None)
+            address = self._router.place(key) if self._router is not None else server
+            self._client, self._owns_client = connect(address, token=token, timeout=timeout), True
+        self._address = self._client.address
+        self._register_on: Callable[[Client], str] = lambda client: str(self._key)
+
+    def _stand_in(
+        self, cls: type, config: Any, generation: Any, transformers: bool, name_or_path: str
+    ) -> None:
+        """The attributes the ecosystem reads, from the model's class and config."""
+        self._lm = transformers and hasattr(cls, "get_output_embeddings")
+        self.config: Any = config
         self.generation_config: Any = copy.deepcopy(generation)
         self._registered_generation = copy.deepcopy(generation)
-        self._facts = ModelFacts.of(self.config)
-        self._signature = inspect.signature(type(model).forward)
-        self.name_or_path: str = getattr(model, "name_or_path", "") or ""
+        self._facts = ModelFacts.of(config)
+        self._signature = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+        self.name_or_path: str = name_or_path
+
+    def _guarded(self, attach: Callable[[], RemoteSession]) -> None:
         try:
-            self._session = self._attach(model)
+            self._session = attach()
         except BaseException:
             if self._owns_client:
                 self._client.close()
@@ -132,10 +214,57 @@ class RemoteModel:
             return (tensors[name] for name in names[start:])
 
         sizes = [tensors[name].nbytes for name in names]
-        self._version = weights_version(model)
+        self._watch = WeightWatch(model)
+        return self._registered(spec, weights, sizes)
+
+    def _attach_folder(self, folder: Folder) -> RemoteSession:
+        import transformers
+
+        spec = folder.spec
+        config = transformers.AutoConfig.from_pretrained(str(folder.path), local_files_only=True)
+        generation = _generation(spec.generation_config)
+        self._stand_in(getattr(transformers, spec.cls), config, generation, True, str(folder.path))
+        sizes = [span.nbytes for span in folder.spans]
+        return self._registered(spec, lambda start: weights(folder, start), sizes)
+
+    def _attach_name(self, name: str) -> RemoteSession:
+        import transformers
+
+        session = RemoteSession(
+            self._client, name, self._meter, self.policy, describe=True, recover=self._recover()
+        )
+        card = session.card
+        if card is None:
+            raise UsageError(f"cannot attach {name!r}: the server sent no description of it")
+        config = transformers.AutoConfig.for_model(**card.config)
+        self._stand_in(
+            getattr(transformers, card.cls), config, _generation(card.generation_config), True, name
+        )
+        assert session.fingerprint is not None
+        self.fingerprint: str = session.fingerprint
+        self.uploaded_bytes = 0
+        self.weight_bytes = 0
+        weights_value = Value("weights", Lifecycle.WEIGHT, 0, Side.SERVER)
+        session.record(plan(Call("register", detect_phase(0), (weights_value,)), self.policy))
+        return session
+
+    def _registered(
+        self,
+        spec: messages.ModelSpec,
+        weights: Callable[[int], Iterator[torch.Tensor]],
+        sizes: list[int],
+    ) -> RemoteSession:
         uploaded = register(self._client, spec, weights, sizes, self._meter)
-        session = RemoteSession(self._client, spec.fingerprint, self._meter, self.policy)
-        self.fingerprint: str = spec.fingerprint
+
+        def register_on(client: Client) -> str:
+            self.uploaded_bytes += register(client, spec, weights, sizes, self._meter)
+            return spec.fingerprint
+
+        self._register_on = register_on
+        session = RemoteSession(
+            self._client, spec.fingerprint, self._meter, self.policy, recover=self._recover()
+        )
+        self.fingerprint = spec.fingerprint
         self.uploaded_bytes = uploaded
         self.weight_bytes = sum(sizes)
         side = Side.SERVER if not uploaded else Side.CLIENT
@@ -143,10 +272,44 @@ class RemoteModel:
         session.record(plan(Call("register", detect_phase(0), (weights_value,)), self.policy))
         return session
 
+    # -- surviving a lost server -----------------------------------------------------------
+
+    def _recover(self) -> Callable[[], tuple[Client, str]] | None:
+        return self._reconnect if self._recover_s > 0 else None
+
+    def _reconnect(self) -> tuple[Client, str]:
+        """A server to resume on, the model registered there (uploaded if it lacks it):
+        the same address again (a restarted server), or on a cluster the best other
+        server. Retries for `recover_s` seconds; ReplayError past them."""
+        deadline = time.monotonic() + self._recover_s
+        lost = self._client.address
+        while True:
+            try:
+                address = (
+                    self._router.place(self._key, avoid=[lost])
+                    if self._router is not None
+                    else self._address
+                )
+                client = connect(address, token=self._token, timeout=self._timeout)
+                break
+            except (ConnectionLostError, DjinnTimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ReplayError(
+                        f"cannot resume: no server answered within {self._recover_s:g} s ({exc})"
+                    ) from exc
+                time.sleep(RETRY_S)
+        if self._owns_client:
+            self._client.close()
+        self._client, self._owns_client = client, True
+        log.warning(
+            "model %s: server %s lost; resuming on %s", self.fingerprint[:12], lost, address
+        )
+        return client, self._register_on(client)
+
     def _check_weights(self) -> None:
         """Weights edited in place after wrapping would be silently stale on the server:
         register them again (a new fingerprint, a new session)."""
-        if self._local is None or weights_version(self._local) == self._version:
+        if self._local is None or not self._watch.changed():
             return
         log.info(
             "model %s: its local weights changed; registering them again", self.fingerprint[:12]
@@ -167,7 +330,7 @@ class RemoteModel:
         """The server's device, where the weights and RemoteTensors live."""
         return self._session.device
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         """The dtype of the model's weights on the server."""
         name = self._client.server_info.get("dtype", "auto")
@@ -223,13 +386,18 @@ class RemoteModel:
     forward = __call__
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        try:
-            bound = self._signature.bind(None, *args, **kwargs).arguments
-        except TypeError as exc:
-            raise UsageError(f"cannot run the model: {exc}") from None
-        bound.pop("self", None)
-        extra = bound.pop("kwargs", {}) or {}
-        bound.update(extra)
+        """The call's arguments by name, as the local model's forward would bind them."""
+        if len(args) <= 1 and "input_ids" not in kwargs and kwargs.keys() <= _NAMED:
+            bound = dict(kwargs)  # the common call: no binding needed (inspect costs ~100 us)
+            if args:
+                bound["input_ids"] = args[0]
+        else:
+            try:
+                bound = self._signature.bind(None, *args, **kwargs).arguments
+            except TypeError as exc:
+                raise UsageError(f"cannot run the model: {exc}") from None
+            bound.pop("self", None)
+            bound.update(bound.pop("kwargs", {}) or {})
         unsupported = sorted(
             name for name, value in bound.items() if name not in FORWARD_ARGS and value is not None
         )
@@ -529,6 +697,24 @@ class RemoteModel:
         )
 
 
+def _fingerprinted(folder: Folder) -> Folder:
+    """The folder with its fingerprint, remembered or read from its files."""
+    began = time.perf_counter()
+    fingerprint = fingerprint_of(folder, user_cache())
+    seconds = time.perf_counter() - began
+    log.info("model %s: fingerprint %s (%.1f s)", folder.path, fingerprint[:12], seconds)
+    return folder._replace(spec=msgspec.structs.replace(folder.spec, fingerprint=fingerprint))
+
+
+def _generation(fields: dict[str, Any] | None) -> Any:
+    """A GenerationConfig from the fields a spec or card carries."""
+    if fields is None:
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_dict(fields)
+
+
 def _meta(remote: RemoteTensor) -> torch.Tensor:
     """A RemoteTensor's shape and dtype, to check with the checks for local tensors."""
     return torch.empty(remote.shape, dtype=remote.dtype, device="meta")
@@ -555,6 +741,7 @@ def _cache_wire(cache: Any) -> Any:
     return wire_value([(k.detach().cpu(), v.detach().cpu()) for k, v in cache_layers(cache)])
 
 
+@functools.cache
 def _cache_field() -> str:
     """What this transformers version's outputs call the cache."""
     from transformers.modeling_outputs import CausalLMOutputWithPast

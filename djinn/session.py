@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import sys
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import msgspec
 import torch
 
 from djinn import messages
 from djinn.client import Client
-from djinn.errors import ConnectionLostError, ServerError, UsageError
+from djinn.errors import ConnectionLostError, ReplayError, ServerError, UsageError
 from djinn.net.codec import Ref
 from djinn.net.core import Meter
 from djinn.semantics import (
@@ -47,6 +50,13 @@ _REF_IDS = itertools.count(1)
 RELEASE_BATCH: Final = 1024
 # Queued operations wait for a call at most this deep.
 QUEUE_LIMIT: Final = 256
+# A session keeps the calls that built its state, to replay them on a new server when
+# it loses its own, up to this many bytes sent (a semantic_blind loop, which sends its
+# KV cache every step, outgrows it: such a session cannot be resumed).
+REPLAY_LOG_BYTES: Final = 64 << 20
+
+log = logging.getLogger("djinn")
+Build = Callable[[messages.Prelude], messages.Message]
 
 _OWN_CODE: Final = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
 
@@ -100,14 +110,32 @@ class _Unread:
 class RemoteSession:
     """Calls scoped to one server session, each carrying what was queued since the last."""
 
-    def __init__(self, client: Client, model: str | None, meter: Meter, policy: Policy) -> None:
+    def __init__(
+        self,
+        client: Client,
+        model: str | None,
+        meter: Meter,
+        policy: Policy,
+        describe: bool = False,
+        recover: Callable[[], tuple[Client, str]] | None = None,
+    ) -> None:
         self.client = client
         self.meter = meter
         self.policy = policy
         self.decisions = DecisionLog()
-        opened = client.request(messages.OpenSession(model), messages.SessionOpened, meter=meter)
+        opened = client.request(
+            messages.OpenSession(model, describe), messages.SessionOpened, meter=meter
+        )
         self.id = opened.session
         self.fingerprint = opened.fingerprint
+        self.card = opened.card
+        # `recover` connects to a server holding the model (the same one restarted, or
+        # another): (its client, the model's id there). None: a lost server is final.
+        self.recover = recover
+        self.recoveries: list[float] = []  # seconds each resume took, loss to state rebuilt
+        self._log: list[tuple[Build, messages.Prelude]] = []
+        self._log_bytes = 0
+        self._unreplayable = ""  # why this session cannot be resumed, once it cannot
         self.device = torch.device(client.server_info["device"])
         self._released: deque[int] = deque()
         self._queue: list[_Queued] = []
@@ -193,17 +221,26 @@ class RemoteSession:
 
     def _call(
         self,
-        build: Callable[[messages.Prelude], messages.Message],
+        build: Build,
         kind: type[Any],
         fetch: list[messages.Fetch] | None,
         on_partial: Callable[[messages.Streamed], None] | None = None,
         timeout: float | None = None,
     ) -> Any:
         prelude, released, queue = self._prelude(fetch)
+        sent = self.meter.bytes_sent
         try:
-            reply = self.client.request(
-                build(prelude), kind, meter=self.meter, on_partial=on_partial, timeout=timeout
-            )
+            try:
+                reply = self.client.request(
+                    build(prelude), kind, meter=self.meter, on_partial=on_partial, timeout=timeout
+                )
+            except ConnectionLostError as lost:
+                if self.recover is None:
+                    raise
+                self._resume(lost)  # then the call once more; a second loss is final
+                reply = self.client.request(
+                    build(prelude), kind, meter=self.meter, on_partial=on_partial, timeout=timeout
+                )
         except ServerError as exc:
             self._released.extendleft(reversed(released))  # releasing twice is harmless
             located = self.located(exc, queue)
@@ -213,8 +250,65 @@ class RemoteSession:
         except BaseException:
             self._released.extendleft(reversed(released))
             raise
+        self._remember(build, prelude, kind, self.meter.bytes_sent - sent)
         self.deliver(reply.values)
         return reply
+
+    # -- surviving a lost server --------------------------------------------------------
+
+    def _remember(
+        self, build: Build, prelude: messages.Prelude, kind: type[Any], nbytes: int
+    ) -> None:
+        """Log a call that changed the session's state, for a replay."""
+        if self.recover is None or self._unreplayable:
+            return
+        self._log_bytes += nbytes
+        if self._log_bytes > REPLAY_LOG_BYTES:
+            self._log.clear()
+            self._unreplayable = (
+                f"it sent more than {REPLAY_LOG_BYTES >> 20} MiB (under policy "
+                f"{self.policy.name!r} its KV cache crosses every step), too much to keep "
+                "for a replay"
+            )
+            return
+        if prelude.ops or prelude.released or kind is messages.Generated:
+            self._log.append((build, messages.Prelude(prelude.released, prelude.ops, [])))
+
+    def _resume(self, lost: ConnectionLostError) -> None:
+        """Rebuild this session on a server reached through `recover`: open a session
+        there and replay, in order, every call that built this one's state. References
+        keep their ids (the client chose them; the server counts its own from the same
+        start in every session), so every handle the user holds stays good, and
+        deterministic operations rebuild the same values, KV caches included."""
+        if self._unreplayable:
+            raise ReplayError(f"cannot resume the session: {self._unreplayable}") from lost
+        assert self.recover is not None
+        began = time.perf_counter()
+        client, model = self.recover()
+        try:
+            opened = client.request(
+                messages.OpenSession(model), messages.SessionOpened, meter=self.meter
+            )
+            self.client, self.id = client, opened.session
+            for build, prelude in self._log:
+                message = build(prelude)
+                if isinstance(message, messages.Generate) and message.args.stream:
+                    args = msgspec.structs.replace(message.args, stream=False)
+                    message = msgspec.structs.replace(message, args=args)
+                kind = (
+                    messages.Generated if isinstance(message, messages.Generate) else messages.Ran
+                )
+                client.request(message, kind, meter=self.meter)
+        except (ServerError, ConnectionLostError) as exc:
+            raise ReplayError(f"cannot resume the session on {client.address}: {exc}") from exc
+        seconds = time.perf_counter() - began
+        self.recoveries.append(seconds)
+        log.warning(
+            "session resumed on %s after losing its server: %d calls replayed in %.2f s",
+            client.address,
+            len(self._log),
+            seconds,
+        )
 
     def located(self, exc: BaseException, queue: list[_Queued]) -> BaseException:
         """A failed queued operation's error, naming the line of user code that queued it."""

@@ -15,15 +15,26 @@ token matched. In the same run, for comparison:
 - the local ceiling: `model.generate` over one batch of 32 prompts in this
   process, the most that batching on this machine could reach.
 
-    python scripts/load_test.py [--clients 1,4,16,32,64] [--tokens 32]
+    python scripts/load_test.py [--clients 1,4,16,32,64] [--tokens 32] [--repeats 3]
+    python scripts/load_test.py --cluster 2 [--clients 1,8]
+
+With --cluster N the same levels run against 1, then N, server actors of a local
+Ray cluster (`python -m djinn.cluster up`), each client placed by the router; then
+one streaming client's server is SIGKILLed halfway through its decode, and the time
+from the loss to its next token is reported beside a fresh session's prefill.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
+import platform
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +44,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import djinn  # noqa: E402
 from harness.server import ServerProcess  # noqa: E402
-from harness.stats import percentile  # noqa: E402
+from harness.stats import Paired, outliers, percentile, spread  # noqa: E402
 
 VOCAB = 2048
 PROMPT = 16
@@ -140,33 +152,137 @@ def ceiling(model: Any, prompts: list[torch.Tensor], tokens: int, rounds: int = 
     return best
 
 
-def run_server(
-    extra: list[str],
-    levels: list[int],
+def serve(stack: contextlib.ExitStack, extra: list[str], model: Any) -> str:
+    """A server with `extra` arguments, the model uploaded before any timing."""
+    store = stack.enter_context(tempfile.TemporaryDirectory(prefix="djinn-load-"))
+    server_args = ["--device", "cpu", "--log-level", "WARNING", "--store", store, *extra]
+    server = stack.enter_context(ServerProcess(*server_args))
+    djinn.RemoteModel(model, server.address).close()
+    return server.address
+
+
+def kill_server_on(address: str) -> None:
+    """SIGKILL the process listening on `address`'s port (a server actor of the cluster)."""
+    port = int(address.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            os.kill(conn.pid, signal.SIGKILL)
+            return
+    raise SystemExit(f"no process listens on {address}")
+
+
+def recover_once(
+    address: str, model: Any, ids: torch.Tensor, want: list[int], tokens: int
+) -> dict[str, Any]:
+    """One streaming decode whose server is SIGKILLed halfway: the time from the loss to
+    the next token, against a fresh session's prefill and first token."""
+    with djinn.RemoteModel(model, address) as rm:
+        began = time.perf_counter()
+        out = rm(ids)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        got = [int(step.item())]
+        prefill = time.perf_counter() - began
+        recovery = 0.0
+        for i in range(1, tokens):
+            if i == tokens // 2:
+                kill_server_on(rm.client.address)
+                lost = time.perf_counter()
+            out = rm(step, past_key_values=out.past_key_values)
+            step = out.logits[:, -1].argmax(-1, keepdim=True)
+            got.append(int(step.item()))
+            if i == tokens // 2:
+                recovery = time.perf_counter() - lost
+    return {"prefill_s": prefill, "recovery_s": recovery, "match": got == want}
+
+
+def cluster_run(
+    servers: int,
     model: Any,
+    levels: list[int],
     prompts: list[torch.Tensor],
     expected: list[list[int]],
     args: argparse.Namespace,
-) -> list[dict[str, Any]]:
-    store = tempfile.mkdtemp(prefix="djinn-load-")
-    server_args = ["--device", "cpu", "--log-level", "WARNING", "--store", store, *extra]
-    rows = []
-    with ServerProcess(*server_args) as server:
-        djinn.RemoteModel(model, server.address).close()  # upload once, before timing
-        for n in levels:
-            rows.append(level(server.address, n, prompts, expected, args.tokens, args.timeout))
-            print(f"  {n} clients done ({' '.join(extra) or 'batching on'})", file=sys.stderr)
-    return rows
+) -> tuple[dict[int, list[dict[str, Any]]], dict[str, Any] | None]:
+    """The levels against `servers` server actors. `python -m djinn.cluster up` runs in
+    its own process, so this one never imports Ray and can fork its clients."""
+    store = tempfile.mkdtemp(prefix="djinn-cluster-")
+    command = [sys.executable, "-m", "djinn.cluster"]
+    server_args = ["--device", "cpu", "--log-level", "WARNING", "--threads", "1", "--store", store]
+    up = subprocess.run(
+        [*command, "up", "--servers", str(servers), "--cpus", str(servers + 2), "--", *server_args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    found = re.search(r"without Ray: (\S+)\)", up.stdout)
+    if up.returncode or not found:
+        raise SystemExit(f"cannot start the cluster:\n{up.stdout}{up.stderr}")
+    address = found.group(1)
+    try:
+        for one in address.split(","):
+            djinn.RemoteModel(model, one).close()  # every server holds it before timing
+        rows = {
+            n: [
+                level(address, n, prompts, expected, args.tokens, args.timeout)
+                for _ in range(args.repeats)
+            ]
+            for n in levels
+        }
+        recovery = None
+        if servers > 1:
+            recovery = recover_once(address, model, prompts[0], expected[0], args.tokens)
+    finally:
+        subprocess.run([*command, "down", "--stop-ray"], capture_output=True, timeout=120)
+    return rows, recovery
+
+
+def report_cluster(
+    model: Any,
+    levels: list[int],
+    prompts: list[torch.Tensor],
+    expected: list[list[int]],
+    args: argparse.Namespace,
+) -> bool:
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}")
+    print(f"{'servers':>8} {'clients':>8}  {'tokens/s: median [IQR]':<30}  match")
+    ok = True
+    recovery = None
+    for servers in range(1, args.cluster + 1):
+        rows, measured = cluster_run(servers, model, levels, prompts, expected, args)
+        recovery = measured or recovery
+        for n, runs in rows.items():
+            match = all(r["match"] for r in runs)
+            ok &= match
+            rates = [r["tokens_per_s"] for r in runs]
+            print(f"{servers:>8} {n:>8}  {spread(rates, '.1f'):<30}  {'yes' if match else 'NO'}")
+    if recovery is not None:
+        ok &= recovery["match"]
+        print(
+            f"server SIGKILLed mid-decode: the next token came {recovery['recovery_s']:.3f} s "
+            f"after the loss (a fresh session's prefill and first token: "
+            f"{recovery['prefill_s']:.3f} s); tokens match: "
+            f"{'yes' if recovery['match'] else 'NO'}"
+        )
+    return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,4,16,32,64")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every level")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per level at most")
     parser.add_argument("--batch-wait-us", type=int, help="passed to the server (default: its own)")
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the serial and local runs"
+    )
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        help="instead: the levels against 1..N server actors of a local Ray cluster "
+        "(needs djinn[cluster]), and the recovery time when one is SIGKILLed",
     )
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
@@ -177,50 +293,58 @@ def main() -> None:
     ]
     torch.set_num_threads(1)
     expected = [greedy(model, p, args.tokens) for p in prompts]
+    if args.cluster:
+        sys.exit(0 if report_cluster(model, levels, prompts, expected, args) else 1)
     extra = ["--batch-wait-us", str(args.batch_wait_us)] if args.batch_wait_us is not None else []
-    rows = run_server(extra, levels, model, prompts, expected, args)
-    serial = (
-        []
-        if args.no_baselines
-        else run_server(["--batching", "off"], [1], model, prompts, expected, args)
-    )
+    rows: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+    serial: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        # Both servers live through the run; an idle one takes no CPU. Rounds alternate
+        # between them, so drift hits batching on and off alike and ratios pair up.
+        on = serve(stack, extra, model)
+        off = serve(stack, ["--batching", "off"], model) if not args.no_baselines else ""
+        for round_ in range(args.repeats):
+            for n in levels:
+                rows[n].append(level(on, n, prompts, expected, args.tokens, args.timeout))
+            if off:
+                serial.append(level(off, 1, prompts, expected, args.tokens, args.timeout))
+            print(f"  round {round_ + 1} of {args.repeats} done", file=sys.stderr)
     torch.set_num_threads(os.cpu_count() or 1)
     local = 0.0 if args.no_baselines else ceiling(model, prompts, args.tokens)
     print(f"command: {' '.join(sys.argv)}")
-    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__}")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     print(
         f"tiny GPT-2 (2 layers, 128 wide), {PROMPT}-token prompts, {args.tokens} tokens "
-        "per client, full policy"
+        f"per client, full policy; {args.repeats} rounds, each level once per round"
     )
-    print(
-        f"{'clients':>8} {'tokens/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
-        f"{'wait p99':>9}  tokens match local"
-    )
-    for r in rows:
-        match = "yes" if r["match"] else "NO"
-        print(
-            f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['p50_ms']:>8.2f} "
-            f"{r['p99_ms']:>8.2f} {r['batch_mean']:>6.2f} {r['wait_p99_ms']:>8.2f}  {match}"
-        )
-    by_n = {r["clients"]: r for r in rows}
+    print(f"{'clients':>8}  {'tokens/s: median [IQR]':<30}{'p99 ms':>9} {'batch':>6}  match")
+    flagged = 0
+    for n, runs in rows.items():
+        rates = [r["tokens_per_s"] for r in runs]
+        flagged += len(outliers([1 / r for r in rates]))
+        p99 = statistics.median(r["p99_ms"] for r in runs)
+        batch = statistics.median(r["batch_mean"] for r in runs)
+        match = "yes" if all(r["match"] for r in runs) else "NO"
+        print(f"{n:>8}  {spread(rates, '.1f'):<30}{p99:>9.2f} {batch:>6.2f}  {match}")
     if serial:
-        one = serial[0]
-        rate, p99 = one["tokens_per_s"], one["p99_ms"]
-        print(f"1 client, --batching off: {rate:.1f} tokens/s, p99 {p99:.2f} ms")
-        if 1 in by_n:
-            ratio = by_n[1]["tokens_per_s"] / rate
-            print(f"1-client batching on / off: {ratio:.3f}x (target >= 0.95x)")
+        rates = [r["tokens_per_s"] for r in serial]
+        print(f"1 client, --batching off: {spread(rates, '.1f')} tokens/s")
+        if 1 in rows:
+            ratio = Paired.of([r["tokens_per_s"] for r in rows[1]], rates)  # paired by round
+            print(f"1-client batching on / off: {ratio.describe()} (target >= 0.95x)")
     if local:
         print(f"local ceiling, model.generate over 32 prompts in one batch: {local:.1f} tokens/s")
-    if 1 in by_n and 32 in by_n:
-        scale = by_n[32]["tokens_per_s"] / by_n[1]["tokens_per_s"]
-        print(f"32 clients / 1 client: {scale:.2f}x (target >= 6x)")
-        tail = by_n[32]["p99_ms"] / by_n[1]["p99_ms"]
-        print(f"32-client p99 / 1-client p99: {tail:.2f}x (target <= 4x)")
+    if 1 in rows and 32 in rows:
+        one, many = [r["tokens_per_s"] for r in rows[1]], [r["tokens_per_s"] for r in rows[32]]
+        print(f"32 clients / 1 client, paired by round: {Paired.of(many, one).describe('.2f')}")
+        print("  (target >= 6x)")
+        tail = Paired.of([r["p99_ms"] for r in rows[32]], [r["p99_ms"] for r in rows[1]])
+        print(f"32-client p99 / 1-client p99: {tail.describe('.2f')} (target <= 4x)")
         if local:
-            share = by_n[32]["tokens_per_s"] / local
+            share = statistics.median(many) / local
             print(f"32 clients / local ceiling: {share:.2f}x (target >= 0.6x)")
-    if not all(r["match"] for r in rows + serial):
+    print(f"outlier rounds (over 3x their level's median time, kept): {flagged}")
+    if not all(r["match"] for runs in [*rows.values(), serial] for r in runs):
         sys.exit(1)
 
 

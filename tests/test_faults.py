@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -25,7 +25,7 @@ from djinn.errors import (
     ServerBusyError,
 )
 from harness.server import ServerProcess
-from tests.helpers import FaultProxy
+from tests.helpers import FaultProxy, eventually
 from tests.models import prompt, tiny_gpt2
 
 pytestmark = pytest.mark.timeout(180)
@@ -35,15 +35,6 @@ pytestmark = pytest.mark.timeout(180)
 def fresh(tmp_path: Path) -> Iterator[ServerProcess]:
     with ServerProcess("--store", str(tmp_path / "store"), "--device", "cpu") as proc:
         yield proc
-
-
-def eventually(check: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def settled(observer: djinn.Client, baseline: dict[str, int]) -> bool:

@@ -36,20 +36,11 @@ from djinn.net.codec import wire_value
 from djinn.net.frame import MAGIC, PROTOCOL_VERSION, FrameKind
 from djinn.server.sessions import REF_OVERHEAD_BYTES
 from harness.server import ServerProcess
-from tests.helpers import RawPeer
+from tests.helpers import RawPeer, eventually
 from tests.models import VOCAB, prompt, tiny_gpt2
 
 pytestmark = pytest.mark.timeout(120)
 MIB = 2**20
-
-
-def eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def serves(address: str) -> bool:

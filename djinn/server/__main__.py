@@ -10,7 +10,7 @@ from pathlib import Path
 
 from djinn.cli import HelpFormatter
 from djinn.errors import UsageError
-from djinn.server.config import COMPILE_MODES, DTYPES, GIB, ServerConfig, default_store
+from djinn.server.config import DTYPES, GIB, ServerConfig, default_store
 
 
 def _model(text: str) -> tuple[str, Path]:
@@ -20,7 +20,7 @@ def _model(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m djinn.server",
         description="Serve PyTorch models to djinn clients over TCP.",
@@ -87,12 +87,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--memory-budget", type=float, default=64.0, help="GiB of model weights held in memory"
-    )
-    dev.add_argument(
-        "--compile", default="off", choices=COMPILE_MODES, help="compile the decode step"
-    )
-    dev.add_argument(
-        "--max-context", type=int, default=2048, help="tokens a compiled decode step's cache holds"
     )
 
     work = p.add_argument_group("sessions and work")
@@ -175,15 +169,13 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         batch_wait_us=args.batch_wait_us,
         prefill_chunk=args.prefill_chunk,
-        compile=args.compile,
-        max_context=args.max_context,
         threads=args.threads,
         metrics_port=args.metrics_port,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

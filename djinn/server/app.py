@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import logging
 import signal
 import sys
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,9 +22,12 @@ from djinn.net.protocol import new_event_loop
 from djinn.server.config import ServerConfig
 from djinn.server.connection import Refusal, ServerConnection
 from djinn.server.device import Device
+from djinn.server.metrics import serve_metrics
 from djinn.server.models import ModelStore
 from djinn.server.sessions import Session, SessionRegistry
 
+T = TypeVar("T")
+RATE_INTERVAL_S = 1.0  # tokens_per_s in server_stats is over this window
 log = logging.getLogger("djinn.server")
 
 
@@ -43,8 +51,15 @@ class Server:
         self.sessions = SessionRegistry(config)
         self.sessions.on_close = self._on_session_closed
         self.connections: set[ServerConnection] = set()
+        self.calls: collections.Counter[str] = collections.Counter()  # by request type
+        self.errors: collections.Counter[str] = collections.Counter()  # by error code
+        self.closed_traffic: collections.Counter[str] = collections.Counter()  # bytes, gone
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._rater: asyncio.Task[None] | None = None
+        self.tokens_per_s = 0.0  # over the last RATE_INTERVAL_S
+        self._metrics: Any = None  # the exporter's HTTP server, with --metrics-port
+        self.metrics_port: int | None = None
         self.address: tuple[str, int] = (config.host, config.port)
 
     def _on_session_closed(self, session: Session) -> None:
@@ -60,6 +75,11 @@ class Server:
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = (host, port)
         self._sweeper = loop.create_task(self.sessions.sweep_forever())
+        self._rater = loop.create_task(self._rate_forever())
+        if self.config.metrics_port is not None:
+            self._metrics, self.metrics_port = serve_metrics(
+                self, self.config.host, self.config.metrics_port
+            )
         return self.address
 
     def _accept(self) -> Any:
@@ -68,6 +88,22 @@ class Server:
         conn = ServerConnection(self)
         self.connections.add(conn)
         return conn.protocol
+
+    async def _rate_forever(self) -> None:
+        last, since = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(RATE_INTERVAL_S)
+            total, now = sum(self.device.tokens.values()), time.monotonic()
+            self.tokens_per_s = (total - last) / (now - since)
+            last, since = total, now
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes on the wire since the start, both directions, headers included."""
+        live = [conn.protocol.counters for conn in self.connections]
+        return {
+            "sent": self.closed_traffic["sent"] + sum(c.bytes_sent for c in live),
+            "received": self.closed_traffic["received"] + sum(c.bytes_received for c in live),
+        }
 
     def info(self) -> messages.ServerInfo:
         """Facts a client learns in the handshake."""
@@ -94,6 +130,12 @@ class Server:
             "queued_calls": self.device.queued,
             "device_busy_s": turn.held_s,
             "device_jobs": self.device.jobs,
+            "device_jobs_inline": self.device.inline_jobs,
+            "tokens": dict(self.device.tokens),
+            "tokens_per_s": self.tokens_per_s,
+            "device_held": turn.held,
+            "store_loading": self.models.loading,
+            "process_cpu_s": time.process_time(),
             **self.device.batcher.stats(),
             **self.device.memory(),
         }
@@ -104,6 +146,10 @@ class Server:
             self._listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._rater is not None:
+            self._rater.cancel()
+        if self._metrics is not None:
+            self._metrics.shutdown()
         tasks = [task for conn in list(self.connections) for task in conn.close()]
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
@@ -137,6 +183,54 @@ async def _serve(config: ServerConfig) -> None:
         f"auth {'token' if config.token else 'off'}, store {config.store})",
         flush=True,
     )
+    if server.metrics_port is not None:
+        print(f"metrics on http://{shown}:{server.metrics_port}/metrics", flush=True)
     await stop.wait()
     print("djinn server shutting down", file=sys.stderr, flush=True)
     await server.close()
+
+
+class Background:
+    """A server on an event loop in a thread of this process: how a cluster actor hosts
+    one (a Ray actor's main thread belongs to Ray, and signals to the actor's process)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._loop = new_event_loop()
+        self._stop = asyncio.Event()
+        started: concurrent.futures.Future[Server] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(config, started), name="djinn-server", daemon=True
+        )
+        self._thread.start()
+        self.server = started.result(timeout=120)
+
+    def _run(self, config: ServerConfig, started: concurrent.futures.Future[Server]) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            try:
+                server = Server(config)
+                await server.start()
+            except BaseException as exc:
+                started.set_exception(exc)
+                return
+            started.set_result(server)
+            await self._stop.wait()
+            await server.close()
+
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    def call(self, fn: Callable[[Server], T]) -> T:
+        """`fn(server)` on the server's loop, where its state changes."""
+
+        async def run() -> T:
+            return fn(self.server)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=30)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)

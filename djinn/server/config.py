@@ -11,7 +11,6 @@ from djinn.errors import UsageError
 from djinn.net.frame import DEFAULT_LIMITS, Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-COMPILE_MODES = ("off", "auto", "on")
 GIB = 1024**3
 
 
@@ -58,8 +57,6 @@ class ServerConfig:
     max_batch: int = 64  # decode rows in one batched forward
     batch_wait_us: int = 0  # how long a lone decode step waits for company
     prefill_chunk: int = 512  # prompt tokens per device turn; longer prompts take several
-    compile: str = "off"
-    max_context: int = 2048  # tokens of a compiled decode step's static cache
     threads: int | None = None  # torch threads; None leaves torch's default
     metrics_port: int | None = None
 
@@ -74,8 +71,6 @@ class ServerConfig:
             raise UsageError(f"cannot listen on port {self.port}: ports run from 0 to 65535")
         if self.dtype not in DTYPES:
             raise UsageError(f"cannot use dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.compile not in COMPILE_MODES:
-            raise UsageError(f"cannot use --compile {self.compile!r}: choose off, auto or on")
         if self.trust_remote_code and not self.token:
             raise UsageError(
                 "cannot run client code unauthenticated: --trust-remote-code needs --token "
@@ -91,7 +86,6 @@ class ServerConfig:
             "--max-batch": self.max_batch,
             "--max-queued": self.max_queued,
             "--prefill-chunk": self.prefill_chunk,
-            "--max-context": self.max_context,
         }
         for flag, value in positive.items():
             if not value > 0:

@@ -97,6 +97,9 @@ class ServerConnection:
             self.server.sessions.close(session, reason="connection closed")
         self.server.models.abandon(self.owner)
         self.server.connections.discard(self)
+        self.server.closed_traffic.update(
+            sent=self.protocol.counters.bytes_sent, received=self.protocol.counters.bytes_received
+        )
         log.info("%s: disconnected%s", self.peer, f" ({exc})" if exc else "")
 
     # -- handshake -----------------------------------------------------------------
@@ -129,6 +132,7 @@ class ServerConnection:
         try:
             message: messages.Message = codec.decode(frame.control, frame.buffers, REQUEST)
             handler = HANDLERS[type(message)]
+            self.server.calls[type(message).__name__] += 1
             call = Call(
                 self.server,
                 self.owner,
@@ -211,6 +215,7 @@ class ServerConnection:
         else:
             code, message, kind = to_wire(exc)
         failure = messages.Failure(code, message[:4096], kind, op)
+        self.server.errors[code] += 1
         if code != InternalServerError.code:  # those are logged with their incident id
             failed_call(
                 f"{self.peer}: call failed: {code}: {(message.splitlines() or [''])[0][:200]}"

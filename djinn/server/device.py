@@ -19,6 +19,7 @@ the pinned inputs go back to the pool.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import threading
 import time
@@ -75,6 +76,14 @@ class Turn:
         self.held_s = 0.0
         self.grants = 0
 
+    def try_acquire(self) -> bool:
+        """Take the turn if nobody holds it or waits for it; never blocks."""
+        with self._lock:
+            if self._held or self._queue:
+                return False
+            self._grant()
+            return True
+
     def acquire(self) -> None:
         with self._lock:
             if not self._held:
@@ -98,6 +107,10 @@ class Turn:
         self._held = True
         self._since = time.perf_counter()
         self.grants += 1
+
+    @property
+    def held(self) -> bool:
+        return self._held
 
     @property
     def contended(self) -> bool:
@@ -155,6 +168,8 @@ class Device:
         )
         self.queued = 0
         self.jobs = 0
+        self.inline_jobs = 0  # of `jobs`, those run on the event loop (see `run`)
+        self.tokens: collections.Counter[str] = collections.Counter()  # prefill, decode, generated
         self.batcher = Batcher(self, max_batch, batch_wait_us, batching)
 
     def _enter(self) -> None:
@@ -162,12 +177,18 @@ class Device:
             torch.cuda.set_device(self.device)
             torch.cuda.set_stream(self.stream)  # this thread's current stream, from now on
 
-    async def run(self, job: Job, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, job: Job, fn: Callable[..., T], *args: Any, short: bool = False) -> T:
         """Run `fn(job, *args)` on a worker thread holding the turn, under inference mode.
 
+        A `short` job (one decode step) finding the device idle runs right here
+        on the event loop instead: two thread hops and their wake-ups cost more
+        than the step's own bookkeeping, and nothing else is waiting to run.
         Raises ServerBusyError rather than queue past --max-queued. If the caller
         is cancelled (its connection dropped), the job is told to stop.
         """
+        if short and not self.queued and self.turn.try_acquire():
+            self.inline_jobs += 1
+            return self._held(job, fn, args)
         if self.queued >= self._max_queued:
             raise ServerBusyError(
                 f"cannot queue more work: {self.queued} calls are waiting for the device "
@@ -187,9 +208,13 @@ class Device:
 
     def _call(self, job: Job, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         self.turn.acquire()
+        return self._held(job, fn, args)
+
+    def _held(self, job: Job, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """Run the job; the caller took the turn, and it is given back here."""
         job.slice_start = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._on_stream():
                 job.check()
                 result = fn(job, *args)
                 if self.stream is not None:
@@ -198,6 +223,15 @@ class Device:
         finally:
             self.jobs += 1
             self.turn.release()
+
+    @contextlib.contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """The device's stream, current for the job (worker threads set it once)."""
+        if self.stream is None or torch.cuda.current_stream(self.device) == self.stream:
+            yield
+        else:
+            with torch.cuda.stream(self.stream):
+                yield
 
     @contextlib.contextmanager
     def released(self) -> Iterator[None]:

@@ -89,6 +89,7 @@ def run_generate(
     out = proxy.generate(**kwargs)  # type: ignore[operator]
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     tokens = ctx.device.to_host(sequences[:, ids.shape[1] :])
+    ctx.device.tokens["generated"] += tokens.numel()
     if isinstance(out, torch.Tensor):
         return Result(tokens, None)
     return Result(tokens, _outputs(ctx, out, model, keep=bool(args.keep)))

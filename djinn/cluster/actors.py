@@ -1,0 +1,205 @@
+"""djinn servers as Ray actors: one per GPU (or per CPU, for tests and CPU machines),
+named and detached so they outlive the command that started them, and restarted by
+Ray, on the same port, when they die. Ray's named actors are the registry: a router
+lists them to find the servers' addresses.
+
+Needs Ray (pip install 'djinn[cluster]'); nothing else in djinn imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from djinn.errors import UsageError
+
+NAMESPACE: Final = "djinn"
+PREFIX: Final = "djinn-server-"
+READY_TIMEOUT_S: Final = 300.0
+PROBE_TIMEOUT_S: Final = 5.0
+
+
+def ray_module() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("djinn's cluster needs Ray: pip install 'djinn[cluster]'") from None
+    return ray
+
+
+def connect_ray(address: str = "") -> Any:
+    """Ray, initialized: the session this process runs already, else the cluster at
+    `address` (`auto`, the default, finds a local one)."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        ray.init(
+            address=address or "auto",
+            namespace=NAMESPACE,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    return ray
+
+
+class ServerActor:
+    """One djinn server, on an event loop in a thread of the actor's process."""
+
+    def __init__(self, argv: list[str]) -> None:
+        from djinn.server.__main__ import config_from, parser
+        from djinn.server.app import Background
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        self._server = Background(config_from(parser().parse_args(argv)))
+        host, port = self._server.server.address
+        if host in ("0.0.0.0", "::", ""):
+            host = ray_module().util.get_node_ip_address()
+        self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict[str, Any]:
+        return self._server.call(lambda server: server.stats())
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._server.call(
+            lambda server: [msgspec.structs.asdict(m) for m in server.models.listing()]
+        )
+
+
+def up(
+    servers: int,
+    server_argv: Sequence[str] = (),
+    *,
+    ports: Sequence[int],
+    gpus: bool = False,
+    ray_address: str = "",
+) -> list[str]:
+    """Start `servers` server actors (server i on ports[i], with a store of its own
+    under the --store given, if any) and wait until they listen; returns their
+    addresses. Raises UsageError when a cluster is up already."""
+    if len(ports) != servers:
+        raise UsageError(f"cannot start {servers} servers on {len(ports)} ports")
+    ray = connect_ray(ray_address)
+    if handles(ray):
+        raise UsageError("a djinn cluster is up already: `python -m djinn.cluster down` first")
+    from djinn.server.config import default_store
+
+    argv = list(server_argv)
+    store = Path(argv[argv.index("--store") + 1]) if "--store" in argv else default_store()
+    if "--store" in argv:
+        del argv[argv.index("--store") : argv.index("--store") + 2]
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    actor = ray.remote(ServerActor)
+    started = []
+    for index in range(servers):
+        own = [*argv, "--port", str(ports[index]), "--store", str(store / f"server-{index}")]
+        started.append(
+            actor.options(
+                name=f"{PREFIX}{index}",
+                namespace=NAMESPACE,
+                lifetime="detached",
+                max_restarts=-1,
+                max_concurrency=4,
+                **resources,
+            ).remote(own)
+        )
+    try:
+        addresses: list[str] = ray.get(
+            [a.address.remote() for a in started], timeout=READY_TIMEOUT_S
+        )
+    except Exception:
+        for handle in started:
+            ray.kill(handle, no_restart=True)
+        raise
+    return addresses
+
+
+def handles(ray: Any) -> dict[str, Any]:
+    """The server actors that exist now, by name."""
+    names = sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and a["name"].startswith(PREFIX)
+    )
+    found = {}
+    for name in names:
+        try:
+            found[name] = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:  # killed between the listing and now
+            continue
+    return found
+
+
+def ask(ray: Any, calls: dict[str, Any], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """The results of the calls that answer within `timeout`, by name."""
+    refs = {name: ref for name, ref in calls.items()}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    done = set(ready)
+    out = {}
+    for name, ref in refs.items():
+        if ref in done:
+            try:
+                out[name] = ray.get(ref)
+            except Exception:  # a dead actor's call fails; it is left out
+                continue
+    return out
+
+
+def server_addresses(ray_address: str = "") -> list[str]:
+    """The djinn addresses of the server actors that answer now."""
+    ray = connect_ray(ray_address)
+    found = handles(ray)
+    answers = ask(ray, {name: h.address.remote() for name, h in found.items()})
+    return [answers[name] for name in sorted(answers)]
+
+
+def status(ray_address: str = "", interval: float = 1.0) -> list[dict[str, Any]]:
+    """Every server actor: address, models, sessions and tokens/s (over `interval`)."""
+    ray = connect_ray(ray_address)
+    found = handles(ray)
+    first = ask(ray, {name: h.stats.remote() for name, h in found.items()})
+    began = time.monotonic()
+    time.sleep(interval)
+    second = ask(ray, {name: h.stats.remote() for name, h in found.items()})
+    seconds = time.monotonic() - began
+    addresses = ask(ray, {name: h.address.remote() for name, h in found.items()})
+    models = ask(ray, {name: h.models.remote() for name, h in found.items()})
+    rows = []
+    for name in found:
+        stats = second.get(name)
+        if stats is None:
+            rows.append({"name": name, "alive": False})
+            continue
+        before = first.get(name, stats)
+        done = sum(stats["tokens"].values()) - sum(before["tokens"].values())
+        rows.append(
+            {
+                "name": name,
+                "alive": True,
+                "address": addresses.get(name, "?"),
+                "sessions": stats["sessions"],
+                "queued_calls": stats["queued_calls"],
+                "tokens_per_s": done / seconds,
+                "models": models.get(name, []),
+            }
+        )
+    return rows
+
+
+def down(ray_address: str = "") -> int:
+    """Stop every server actor; returns how many there were."""
+    ray = connect_ray(ray_address)
+    found = handles(ray)
+    for handle in found.values():
+        ray.kill(handle, no_restart=True)
+    return len(found)
