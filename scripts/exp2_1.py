@@ -5,8 +5,8 @@ Every baseline runs the same client-driven greedy decode loop (harness/exp2_1.py
 native_pytorch runs it on a local model; semantic_blind, partially_aware and
 full_djinn run it on a RemoteModel with that policy, against a server this
 script starts on 127.0.0.1 and stops when it ends. Runs are interleaved
-(native, blind, partial, full, native, ...) so machine drift hits all four
-alike; warm-up runs are not counted. Every baseline must produce exactly
+(native, full, blind, partial, then the reverse, ...) so machine drift hits all
+four alike; warm-up runs are not counted. Every baseline must produce exactly
 the native tokens. Bytes are counted on the wire, headers included.
 
 Run it through scripts/run_exp2_1.sh, which sets up the environment first.
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         total = (args.warmup + args.runs) * len(args.baselines)
         with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
             for run_id in range(args.warmup + args.runs):
-                for name in args.baselines:
+                for name in round_order(args.baselines, run_id):
                     bar.set_postfix_str(name)
                     result = timed_run(runners[name], ids, args.new_tokens, device, client)
                     if run_id >= args.warmup:
@@ -576,6 +576,15 @@ def main(argv: list[str] | None = None) -> int:
         v["ok"] for v in checks.values()
     )
     return 0 if correct else 1
+
+
+def round_order(baselines: list[str], run_id: int) -> list[str]:
+    """The baselines of one round: full_djinn right after native (the headline ratio
+    pairs runs seconds apart, not a round apart), and every other round reversed, so
+    drift within a round weighs on both sides of each pair alike (ABBA)."""
+    order = [b for b in baselines if b in ("native_pytorch", "full_djinn")]
+    order += [b for b in baselines if b not in order]
+    return order if run_id % 2 == 0 else order[::-1]
 
 
 def load_average() -> str:
