@@ -171,8 +171,8 @@ class GenerateCall:
     def stream(self) -> Generator[torch.Tensor, None, None]:
         args = msgspec.structs.replace(self.args, stream=True)
         session, client = self._session, self._model.client
-        request_id, queue = session.send_generate(args)
-        finished = False
+        request_id, queue, ended = session.send_generate(args)
+        finished = completed = refused = False
         try:
             while True:
                 wait = self.timeout if self.timeout is not None else client.timeout
@@ -181,13 +181,13 @@ class GenerateCall:
                     tokens = event.tokens
                     yield tokens[:, None] if tokens.dim() == 1 else tokens
                     continue
-                finished = True
+                finished = completed = True
                 assert isinstance(event, messages.Generated)
                 session.deliver(event.values)
                 self._result(event)  # a continued cache's new length
                 return
         except ServerError as exc:
-            finished = True
+            finished = refused = True
             located = session.located(exc, queue)
             if located is exc:
                 raise
@@ -195,6 +195,8 @@ class GenerateCall:
         finally:
             if not finished:  # left early, timed out or interrupted: stop the server's work
                 client.connection.cancel(request_id)
+            if not refused:  # a refused call changed nothing to replay
+                ended(completed)
 
     def _result(self, reply: messages.Generated) -> Any:
         ids = _prompt(self.ids)

@@ -199,14 +199,26 @@ class RemoteSession:
         )
         return generated
 
-    def send_generate(self, args: messages.GenerateArgs) -> tuple[int, list[_Queued]]:
-        """Start a generate without waiting for it (a stream): its request id, and the
-        operations that went with it (to name one that fails)."""
+    def send_generate(
+        self, args: messages.GenerateArgs
+    ) -> tuple[int, list[_Queued], Callable[[bool], None]]:
+        """Start a generate without waiting for it (a stream): its request id, the
+        operations that went with it (to name one that fails), and what to call with
+        whether it completed, so the replay log knows what it changed."""
         prelude, _, queue = self._prelude(None)
         request = messages.Generate(self.id, prelude, args)
         conn = self.client.connection
         request_id = conn.send(request, meter=self.meter, timeout=self.client.timeout)
-        return request_id, queue
+
+        def ended(completed: bool) -> None:
+            if completed:  # its kept outputs are state now
+                self._remember(
+                    lambda p: messages.Generate(self.id, p, args), prelude, messages.Generated, 0
+                )
+            else:  # stopped early: only the queued operations that rode along ran
+                self._remember(lambda p: messages.Run(self.id, p), prelude, messages.Ran, 0)
+
+        return request_id, queue, ended
 
     def _prelude(
         self, fetch: list[messages.Fetch] | None
@@ -266,9 +278,9 @@ class RemoteSession:
         if self._log_bytes > REPLAY_LOG_BYTES:
             self._log.clear()
             self._unreplayable = (
-                f"it sent more than {REPLAY_LOG_BYTES >> 20} MiB (under policy "
-                f"{self.policy.name!r} its KV cache crosses every step), too much to keep "
-                "for a replay"
+                f"it sent more than {REPLAY_LOG_BYTES >> 20} MiB since it opened, too much "
+                f"to keep for a replay (policy {self.policy.name!r}; semantic_blind and "
+                "partially_aware send the KV cache every step)"
             )
             return
         if prelude.ops or prelude.released or kind is messages.Generated:

@@ -116,3 +116,15 @@ def test_a_session_too_big_to_replay_says_why(
         server.restart()
         with pytest.raises(ReplayError, match="too much to keep for a replay"):
             rm(prompt(length=1), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_a_finished_stream_is_replayed_without_streaming(server: Restartable) -> None:
+    model, ids = tiny_gpt2(seed=5), prompt()
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with RemoteModel(model, server.address, recover_s=60) as rm:
+        streamed = torch.cat(list(rm.stream(ids, max_new_tokens=12)), dim=-1)
+        assert torch.equal(streamed, expected[:, ids.shape[1] :])
+        server.restart()
+        assert torch.equal(rm.generate(ids, max_new_tokens=12), expected)
+        assert len(rm.session.recoveries) == 1
