@@ -114,6 +114,11 @@ class RemoteModel:
         timeout: float = DEFAULT_TIMEOUT,
         recover_s: float | None = None,
     ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(
+                f"cannot wrap a {type(model).__name__}: RemoteModel takes a transformers model "
+                "or another torch.nn.Module (or use RemoteModel.from_pretrained(folder))"
+            )
         self._local: torch.nn.Module | None = model
         self._stand_in(
             type(model),

@@ -428,6 +428,8 @@ def test_bad_inputs_get_clear_errors_before_anything_is_sent(
             rm(prompt(), attention_mask=torch.full((1, 12), 2))
         assert rm.stats()["bytes_sent"] == sent  # refused before sending
         assert rm.generate(prompt(), max_new_tokens=2).shape == (1, 14)  # still usable
+    with pytest.raises(UsageError, match="cannot wrap a dict"):
+        RemoteModel({"weights": torch.zeros(2)}, server.address)  # type: ignore[arg-type]
 
 
 def test_the_server_makes_the_same_checks(
