@@ -43,6 +43,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Before torch loads OpenMP: idle pools sleep rather than spin on the clients' cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -92,6 +94,11 @@ def client(
         results.put(exc)
 
 
+def server_stats(address: str) -> dict[str, Any]:
+    with djinn.connect(address) as observer:
+        return observer.server_stats()
+
+
 def level(
     address: str,
     n: int,
@@ -103,20 +110,22 @@ def level(
     context = multiprocessing.get_context("fork")
     ready, start, results = context.Queue(), context.Event(), context.Queue()
     procs = [
-        context.Process(target=client, args=(address, prompts[i], tokens, ready, start, results))
+        context.Process(  # daemons: a failing run must not leave them waiting forever
+            target=client, args=(address, prompts[i], tokens, ready, start, results), daemon=True
+        )
         for i in range(n)
     ]
     for p in procs:
         p.start()
     for _ in range(n):  # every client has registered and opened its session
         ready.get(timeout=timeout)
-    with djinn.connect(address) as observer:
-        before = observer.server_stats()
-        began = time.perf_counter()
-        start.set()
-        outputs = [results.get(timeout=timeout) for _ in range(n)]
-        wall = time.perf_counter() - began
-        after = observer.server_stats()
+    servers = address.split(",")  # a cluster's servers, or the one server
+    before = [server_stats(one) for one in servers]
+    began = time.perf_counter()
+    start.set()
+    outputs = [results.get(timeout=timeout) for _ in range(n)]
+    wall = time.perf_counter() - began
+    after = [server_stats(one) for one in servers]
     for p in procs:
         p.join(timeout=10)
     failed = [o for o in outputs if isinstance(o, BaseException)]
@@ -125,17 +134,18 @@ def level(
     tokens_ok = sorted(map(tuple, (o[0] for o in outputs))) == sorted(map(tuple, expected[:n]))
     latencies = [x for o in outputs for x in o[1]]
     forwards = sum(
-        after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k, 0)
-        for k in after["batch_sizes"]
+        a["batch_sizes"].get(k, 0) - b["batch_sizes"].get(k, 0)
+        for a, b in zip(after, before, strict=True)
+        for k in a["batch_sizes"]
     )
-    rows = after["decode_tokens"] - before["decode_tokens"]
+    rows = sum(a["decode_tokens"] - b["decode_tokens"] for a, b in zip(after, before, strict=True))
     return {
         "clients": n,
         "tokens_per_s": n * tokens / wall,
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": percentile(latencies, 0.99) * 1e3,
         "batch_mean": rows / forwards if forwards else 0.0,
-        "wait_p99_ms": after["queue_wait_p99_ms"],
+        "wait_p99_ms": max(a["queue_wait_p99_ms"] for a in after),
         "match": tokens_ok,
     }
 
@@ -155,7 +165,8 @@ def ceiling(model: Any, prompts: list[torch.Tensor], tokens: int, rounds: int = 
 def serve(stack: contextlib.ExitStack, extra: list[str], model: Any) -> str:
     """A server with `extra` arguments, the model uploaded before any timing."""
     store = stack.enter_context(tempfile.TemporaryDirectory(prefix="djinn-load-"))
-    server_args = ["--device", "cpu", "--log-level", "WARNING", "--store", store, *extra]
+    server_args = ["--device", "cpu", "--log-level", "WARNING", "--store", store]
+    server_args += ["--threads", "1", *extra]  # the clients need the other cores
     server = stack.enter_context(ServerProcess(*server_args))
     djinn.RemoteModel(model, server.address).close()
     return server.address
