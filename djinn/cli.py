@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default but None: those options say in words what they fall back to,
-    and a default read from the environment (a token) never reaches the screen."""
+    and a default read from the environment (a token) never reaches the screen. The
+    description and epilog keep their line breaks (usage examples)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)

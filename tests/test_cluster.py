@@ -20,6 +20,7 @@ from tests.models import VOCAB, prompt, tiny_gpt2
 
 ray = pytest.importorskip("ray")
 from djinn.cluster import actors  # noqa: E402
+from djinn.cluster.__main__ import main  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -93,3 +94,18 @@ def test_a_plain_address_list_routes_without_ray(cluster: list[str]) -> None:
 
 def actors_address() -> str:
     return "djinn+ray://"  # the Ray this process runs
+
+
+def test_status_lists_servers_models_and_load(
+    cluster: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with RemoteModel(tiny_gpt2(seed=11), actors_address()) as rm:
+        rm.generate(prompt(), max_new_tokens=4)
+        rows = actors.status(interval=0.2)
+        assert sorted(r["address"] for r in rows if r["alive"]) == sorted(cluster)
+        held = [m["fingerprint"] for r in rows for m in r.get("models", [])]
+        assert rm.fingerprint in held
+        assert all(r["tokens_per_s"] >= 0 and r["sessions"] >= 0 for r in rows)
+    assert main(["status"]) == 0
+    shown = capsys.readouterr().out
+    assert all(address in shown for address in cluster) and "tokens/s" in shown
