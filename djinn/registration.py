@@ -88,7 +88,7 @@ class WeightWatch:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._slots = [
-            (slots, name, tensor, tensor._version)
+            (slots, name, tensor, tensor._version, tensor.data_ptr())
             for module in model.modules()
             for slots in (module._parameters, module._buffers)
             for name, tensor in slots.items()
@@ -96,9 +96,13 @@ class WeightWatch:
         ]
 
     def changed(self) -> bool:
+        """A slot holds another tensor, or its tensor was edited in place or given new
+        memory (`param.data = other` keeps the object and its version counter)."""
         return any(
-            slots.get(name) is not tensor or tensor._version != version
-            for slots, name, tensor, version in self._slots
+            slots.get(name) is not tensor
+            or tensor._version != version
+            or tensor.data_ptr() != pointer
+            for slots, name, tensor, version, pointer in self._slots
         )
 
 

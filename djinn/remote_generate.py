@@ -172,7 +172,7 @@ class GenerateCall:
         args = msgspec.structs.replace(self.args, stream=True)
         session, client = self._session, self._model.client
         request_id, queue, ended = session.send_generate(args)
-        finished = completed = refused = False
+        finished, how = False, "stopped"
         try:
             while True:
                 wait = self.timeout if self.timeout is not None else client.timeout
@@ -181,13 +181,13 @@ class GenerateCall:
                     tokens = event.tokens
                     yield tokens[:, None] if tokens.dim() == 1 else tokens
                     continue
-                finished = completed = True
+                finished, how = True, "completed"
                 assert isinstance(event, messages.Generated)
                 session.deliver(event.values)
                 self._result(event)  # a continued cache's new length
                 return
         except ServerError as exc:
-            finished = refused = True
+            finished, how = True, "refused"
             located = session.located(exc, queue)
             if located is exc:
                 raise
@@ -195,8 +195,7 @@ class GenerateCall:
         finally:
             if not finished:  # left early, timed out or interrupted: stop the server's work
                 client.connection.cancel(request_id)
-            if not refused:  # a refused call changed nothing to replay
-                ended(completed)
+            ended(how)
 
     def _result(self, reply: messages.Generated) -> Any:
         ids = _prompt(self.ids)

@@ -13,6 +13,7 @@ the line of user code that queued it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -29,7 +30,7 @@ import torch
 
 from djinn import messages
 from djinn.client import Client
-from djinn.errors import ConnectionLostError, ReplayError, ServerError, UsageError
+from djinn.errors import ConnectionLostError, DjinnError, ReplayError, ServerError, UsageError
 from djinn.net.codec import Ref
 from djinn.net.core import Meter
 from djinn.semantics import (
@@ -54,6 +55,7 @@ QUEUE_LIMIT: Final = 256
 # it loses its own, up to this many bytes sent (a semantic_blind loop, which sends its
 # KV cache every step, outgrows it: such a session cannot be resumed).
 REPLAY_LOG_BYTES: Final = 64 << 20
+REPLAY_TIMEOUT_S: Final = 3600.0  # per replayed call: a generate may take long
 
 log = logging.getLogger("djinn")
 Build = Callable[[messages.Prelude], messages.Message]
@@ -133,7 +135,7 @@ class RemoteSession:
         # another): (its client, the model's id there). None: a lost server is final.
         self.recover = recover
         self.recoveries: list[float] = []  # seconds each resume took, loss to state rebuilt
-        self._log: list[tuple[Build, messages.Prelude]] = []
+        self._log: list[list[Any]] = []  # [build, prelude]; build None: a stream in flight
         self._log_bytes = 0
         self._unreplayable = ""  # why this session cannot be resumed, once it cannot
         self.device = torch.device(client.server_info["device"])
@@ -201,22 +203,29 @@ class RemoteSession:
 
     def send_generate(
         self, args: messages.GenerateArgs
-    ) -> tuple[int, list[_Queued], Callable[[bool], None]]:
+    ) -> tuple[int, list[_Queued], Callable[[str], None]]:
         """Start a generate without waiting for it (a stream): its request id, the
-        operations that went with it (to name one that fails), and what to call with
-        whether it completed, so the replay log knows what it changed."""
-        prelude, _, queue = self._prelude(None)
+        operations that went with it (to name one that fails), and what to call when it
+        ends ("completed", "stopped" or "refused"), so the replay log knows what it
+        changed. Its place in the log is taken now, in the order calls were sent."""
+        prelude, released, queue = self._prelude(None)
         request = messages.Generate(self.id, prelude, args)
         conn = self.client.connection
-        request_id = conn.send(request, meter=self.meter, timeout=self.client.timeout)
+        try:
+            request_id = conn.send(request, meter=self.meter, timeout=self.client.timeout)
+        except BaseException:  # nothing went out: the work stays queued
+            self._queue[:0] = queue
+            self._released.extendleft(reversed(released))
+            raise
+        entry = self._remember(None, prelude, messages.Generated, 0)
 
-        def ended(completed: bool) -> None:
-            if completed:  # its kept outputs are state now
-                self._remember(
-                    lambda p: messages.Generate(self.id, p, args), prelude, messages.Generated, 0
-                )
-            else:  # stopped early: only the queued operations that rode along ran
-                self._remember(lambda p: messages.Run(self.id, p), prelude, messages.Ran, 0)
+        def ended(how: str) -> None:
+            if how == "refused":
+                self._refused()
+            elif entry is not None and how == "completed":  # its kept outputs are state now
+                entry[0] = lambda p: messages.Generate(self.id, p, args)
+            elif entry is not None:  # stopped early: only the operations that rode along ran
+                entry[0] = lambda p: messages.Run(self.id, p)
 
         return request_id, queue, ended
 
@@ -241,20 +250,33 @@ class RemoteSession:
     ) -> Any:
         prelude, released, queue = self._prelude(fetch)
         sent = self.meter.bytes_sent
+        seen = 0  # partials delivered, which a retry after a resume must not repeat
+
+        def partial(streamed: messages.Streamed, skip: int = 0) -> None:
+            nonlocal seen
+            seen += 1
+            if seen > skip and on_partial is not None:
+                on_partial(streamed)
+
+        watch = partial if on_partial is not None else None
         try:
             try:
                 reply = self.client.request(
-                    build(prelude), kind, meter=self.meter, on_partial=on_partial, timeout=timeout
+                    build(prelude), kind, meter=self.meter, on_partial=watch, timeout=timeout
                 )
             except ConnectionLostError as lost:
                 if self.recover is None:
                     raise
                 self._resume(lost)  # then the call once more; a second loss is final
+                sent, shown, seen = self.meter.bytes_sent, seen, 0
+                again = functools.partial(partial, skip=shown) if watch is not None else None
                 reply = self.client.request(
-                    build(prelude), kind, meter=self.meter, on_partial=on_partial, timeout=timeout
+                    build(prelude), kind, meter=self.meter, on_partial=again, timeout=timeout
                 )
         except ServerError as exc:
             self._released.extendleft(reversed(released))  # releasing twice is harmless
+            if prelude.ops or kind is messages.Generated:
+                self._refused()
             located = self.located(exc, queue)
             if located is exc:
                 raise
@@ -269,40 +291,64 @@ class RemoteSession:
     # -- surviving a lost server --------------------------------------------------------
 
     def _remember(
-        self, build: Build, prelude: messages.Prelude, kind: type[Any], nbytes: int
-    ) -> None:
-        """Log a call that changed the session's state, for a replay."""
+        self, build: Build | None, prelude: messages.Prelude, kind: type[Any], nbytes: int
+    ) -> list[Any] | None:
+        """Log a call that changed the session's state, for a replay; returns its entry
+        ([build, prelude]; build None while a stream has not ended)."""
         if self.recover is None or self._unreplayable:
-            return
+            return None
         self._log_bytes += nbytes
         if self._log_bytes > REPLAY_LOG_BYTES:
-            self._log.clear()
-            self._unreplayable = (
+            self._unreplayable_because(
                 f"it sent more than {REPLAY_LOG_BYTES >> 20} MiB since it opened, too much "
                 f"to keep for a replay (policy {self.policy.name!r}; semantic_blind and "
                 "partially_aware send the KV cache every step)"
             )
-            return
-        if prelude.ops or prelude.released or kind is messages.Generated:
-            self._log.append((build, messages.Prelude(prelude.released, prelude.ops, [])))
+            return None
+        if not (prelude.ops or prelude.released or kind is messages.Generated):
+            return None
+        entry = [build, messages.Prelude(prelude.released, prelude.ops, [])]
+        self._log.append(entry)
+        return entry
+
+    def _refused(self) -> None:
+        """A call failed on the server: what ran of it before the failure, and the ids
+        it used, are more than a replay can know."""
+        self._unreplayable_because(
+            "a call of it failed on the server after part of it may have run"
+        )
+
+    def _unreplayable_because(self, why: str) -> None:
+        if self.recover is not None and not self._unreplayable:
+            self._log.clear()
+            self._unreplayable = why
 
     def _resume(self, lost: ConnectionLostError) -> None:
         """Rebuild this session on a server reached through `recover`: open a session
         there and replay, in order, every call that built this one's state. References
         keep their ids (the client chose them; the server counts its own from the same
         start in every session), so every handle the user holds stays good, and
-        deterministic operations rebuild the same values, KV caches included."""
+        deterministic operations rebuild the same values, KV caches included. The
+        session moves to the new server only once all of it is rebuilt."""
         if self._unreplayable:
             raise ReplayError(f"cannot resume the session: {self._unreplayable}") from lost
         assert self.recover is not None
         began = time.perf_counter()
         client, model = self.recover()
+        old = self.id
         try:
             opened = client.request(
                 messages.OpenSession(model), messages.SessionOpened, meter=self.meter
             )
-            self.client, self.id = client, opened.session
+            if opened.fingerprint != self.fingerprint:
+                raise ReplayError(
+                    f"{client.address} serves {model!r} as model "
+                    f"{str(opened.fingerprint)[:12]}, not {str(self.fingerprint)[:12]}"
+                )
+            self.id = opened.session  # the log's messages are built for it
             for build, prelude in self._log:
+                if build is None:  # a stream in flight when the server went: not sent again
+                    continue
                 message = build(prelude)
                 if isinstance(message, messages.Generate) and message.args.stream:
                     args = msgspec.structs.replace(message.args, stream=False)
@@ -310,9 +356,14 @@ class RemoteSession:
                 kind = (
                     messages.Generated if isinstance(message, messages.Generate) else messages.Ran
                 )
-                client.request(message, kind, meter=self.meter)
-        except (ServerError, ConnectionLostError) as exc:
+                client.request(message, kind, meter=self.meter, timeout=REPLAY_TIMEOUT_S)
+        except (DjinnError, OSError) as exc:
+            self.id = old
+            self._unreplayable_because(f"its replay on {client.address} failed: {exc}")
+            client.close()
             raise ReplayError(f"cannot resume the session on {client.address}: {exc}") from exc
+        self.client = client
+        self.device = torch.device(client.server_info["device"])
         seconds = time.perf_counter() - began
         self.recoveries.append(seconds)
         log.warning(

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from djinn.registration import describe
+from djinn.registration import WeightWatch, describe
 from tests.models import tiny_gpt2, tiny_llama
 
 
@@ -47,3 +47,16 @@ def test_volatile_config_keys_do_not_count() -> None:
     spec = describe(model)[0]
     assert "transformers_version" not in spec.config
     assert spec.config["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_the_weight_watch_sees_every_kind_of_edit() -> None:
+    model = tiny_gpt2(seed=4)
+    for edit in (
+        lambda p: p.add_(1.0),  # in place (through .data it escapes the version counter)
+        lambda p: setattr(p, "data", p.data.clone()),  # new memory, same object and version
+    ):
+        watch = WeightWatch(model)
+        assert not watch.changed()
+        with torch.no_grad():
+            edit(next(model.parameters()))
+        assert watch.changed()

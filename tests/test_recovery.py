@@ -128,3 +128,13 @@ def test_a_finished_stream_is_replayed_without_streaming(server: Restartable) ->
         server.restart()
         assert torch.equal(rm.generate(ids, max_new_tokens=12), expected)
         assert len(rm.session.recoveries) == 1
+
+
+def test_a_session_with_a_call_failed_on_the_server_says_why(server: Restartable) -> None:
+    with RemoteModel(tiny_gpt2(seed=6), server.address, recover_s=30) as rm:
+        out = rm(prompt(), use_cache=True)
+        with pytest.raises(djinn.errors.ServerError):
+            torch.multinomial(out.logits[:, -1] - 1e9, 1).tolist()  # negative "probabilities"
+        server.restart()
+        with pytest.raises(ReplayError, match="failed on the server"):
+            rm(prompt(length=1), past_key_values=out.past_key_values).logits.sum().item()

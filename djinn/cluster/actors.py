@@ -55,7 +55,7 @@ class ServerActor:
         from djinn.server.app import Background
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        self._server = Background(config_from(parser().parse_args(argv)))
+        self._server = Background(config_from(parser().parse_args(argv)), READY_TIMEOUT_S)
         host, port = self._server.server.address
         if host in ("0.0.0.0", "::", ""):
             host = ray_module().util.get_node_ip_address()
@@ -98,11 +98,17 @@ def up(
     store = Path(argv[argv.index("--store") + 1]) if "--store" in argv else default_store()
     if "--store" in argv:
         del argv[argv.index("--store") : argv.index("--store") + 2]
+    metrics = None  # like --port, server i serves metrics on the given port + i
+    if "--metrics-port" in argv:
+        metrics = int(argv[argv.index("--metrics-port") + 1])
+        del argv[argv.index("--metrics-port") : argv.index("--metrics-port") + 2]
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     actor = ray.remote(ServerActor)
     started = []
     for index in range(servers):
         own = [*argv, "--port", str(ports[index]), "--store", str(store / f"server-{index}")]
+        if metrics is not None:
+            own += ["--metrics-port", str(metrics + index)]
         started.append(
             actor.options(
                 name=f"{PREFIX}{index}",

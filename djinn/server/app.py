@@ -69,17 +69,23 @@ class Server:
     async def start(self) -> tuple[str, int]:
         """Bind and start accepting; returns the real (host, port)."""
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(
-            self._accept, self.config.host, self.config.port, reuse_address=True
-        )
+        if self.config.metrics_port is not None:  # first: a port in use leaves nothing bound
+            self._metrics, self.metrics_port = serve_metrics(
+                self, self.config.host, self.config.metrics_port
+            )
+        try:
+            self._listener = await loop.create_server(
+                self._accept, self.config.host, self.config.port, reuse_address=True
+            )
+        except BaseException:
+            if self._metrics is not None:
+                self._metrics.shutdown()
+                self._metrics.server_close()
+            raise
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = (host, port)
         self._sweeper = loop.create_task(self.sessions.sweep_forever())
         self._rater = loop.create_task(self._rate_forever())
-        if self.config.metrics_port is not None:
-            self._metrics, self.metrics_port = serve_metrics(
-                self, self.config.host, self.config.metrics_port
-            )
         return self.address
 
     def _accept(self) -> Any:
@@ -150,6 +156,7 @@ class Server:
             self._rater.cancel()
         if self._metrics is not None:
             self._metrics.shutdown()
+            self._metrics.server_close()
         tasks = [task for conn in list(self.connections) for task in conn.close()]
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
@@ -194,7 +201,9 @@ class Background:
     """A server on an event loop in a thread of this process: how a cluster actor hosts
     one (a Ray actor's main thread belongs to Ray, and signals to the actor's process)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, timeout: float = 600.0) -> None:
+        """Returns once the server listens; `timeout` covers fingerprinting its --model
+        folders, which a first start reads whole."""
         self._loop = new_event_loop()
         self._stop = asyncio.Event()
         started: concurrent.futures.Future[Server] = concurrent.futures.Future()
@@ -202,7 +211,7 @@ class Background:
             target=self._run, args=(config, started), name="djinn-server", daemon=True
         )
         self._thread.start()
-        self.server = started.result(timeout=120)
+        self.server = started.result(timeout=timeout)
 
     def _run(self, config: ServerConfig, started: concurrent.futures.Future[Server]) -> None:
         asyncio.set_event_loop(self._loop)

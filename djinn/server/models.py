@@ -483,6 +483,11 @@ class ModelStore:
             else:
                 module = _load_pickled(path, self._dtype)
         except (OSError, ValueError, KeyError) as exc:  # damaged since it was hashed
+            if named is not None:  # the operator's folder: named and refused, never moved
+                del self._named[fingerprint]
+                raise StoreCorruptError(
+                    f"cannot load model {fingerprint[:12]} from {named.path.name}: {exc}"
+                ) from None
             self._quarantine(fingerprint, str(exc))
             raise StoreCorruptError(
                 f"cannot load model {fingerprint[:12]}: its stored copy is damaged and was set "
