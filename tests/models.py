@@ -35,22 +35,6 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def _decoder(config_cls: type, model_cls: type, seed: int, **extra: object) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = config_cls(
@@ -66,6 +50,18 @@ def _decoder(config_cls: type, model_cls: type, seed: int, **extra: object) -> P
     )
     model: PreTrainedModel = model_cls(config).eval()
     return model
+
+
+def tiny_llama(seed: int = 0) -> PreTrainedModel:
+    return _decoder(LlamaConfig, LlamaForCausalLM, seed, num_key_value_heads=2)
+
+
+def slow_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """Slow enough per token (4 layers, 256 wide, 2,048 positions) that a long generate is
+    surely still running when a test kills its server."""
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=2048)
+    return GPT2LMHeadModel(config).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> PreTrainedModel:

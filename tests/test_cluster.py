@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from djinn import RemoteModel
 from djinn.cluster import Router
 from tests.helpers import eventually, free_ports
-from tests.models import VOCAB, prompt, tiny_gpt2
+from tests.models import prompt, slow_gpt2, tiny_gpt2
 
 ray = pytest.importorskip("ray")
 from djinn.cluster import actors  # noqa: E402
@@ -37,12 +36,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         ray.shutdown()
 
 
-def slow_model() -> GPT2LMHeadModel:
-    torch.manual_seed(7)
-    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=2048)
-    return GPT2LMHeadModel(config).eval()
-
-
 def actor_at(address: str) -> Any:
     for handle in actors.handles(ray).values():
         if ray.get(handle.address.remote(), timeout=30) == address:
@@ -52,7 +45,7 @@ def actor_at(address: str) -> Any:
 
 def test_sessions_spread_and_survive_a_killed_actor(cluster: list[str]) -> None:
     assert len(cluster) == 2
-    model, ids, n = slow_model(), prompt(batch=2), 800
+    model, ids, n = slow_gpt2(seed=7), prompt(batch=2), 800
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
     with (

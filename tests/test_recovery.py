@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import djinn
 from djinn import RemoteModel
@@ -18,7 +17,7 @@ from djinn.errors import ConnectionLostError, ReplayError
 from harness.exp2_1 import Local, decode
 from harness.server import ServerProcess
 from tests.helpers import eventually, free_ports
-from tests.models import VOCAB, prompt, tiny_gpt2
+from tests.models import prompt, slow_gpt2, tiny_gpt2
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -68,15 +67,8 @@ def test_a_decode_loop_survives_a_restart(server: Restartable) -> None:
         assert 0 < seconds < 60
 
 
-def slow_model() -> GPT2LMHeadModel:
-    """Slow enough per token that a long generate is surely in flight when killed."""
-    torch.manual_seed(4)
-    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=2048)
-    return GPT2LMHeadModel(config).eval()
-
-
 def test_a_generate_in_flight_survives_a_restart(server: Restartable) -> None:
-    model, ids, n = slow_model(), prompt(batch=2), 1000
+    model, ids, n = slow_gpt2(seed=4), prompt(batch=2), 1000
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
     with RemoteModel(model, server.address, recover_s=60) as rm:
