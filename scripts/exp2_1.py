@@ -39,14 +39,17 @@ from tqdm import tqdm  # noqa: E402
 import djinn  # noqa: E402
 from djinn.cli import HelpFormatter  # noqa: E402
 from djinn.net.link import Link  # noqa: E402
+from djinn.server.config import COMPILE_MODES  # noqa: E402
 from harness.exp2_1 import (  # noqa: E402
     BASELINES,
+    COMPILED,
     LLAMA_PRESETS,
     MIN_DISTINCT,
     POLICIES,
     PRESETS,
     SEED_TABLE,
     Local,
+    LocalCompiled,
     aggregate,
     build_model,
     check,
@@ -107,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "half the CPUs, keeps the two processes from oversubscribing one machine",
     )
     p.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_MODES,
+        help="start the server with --compile MODE and add the baseline native_compiled: the "
+        "local model under the same compile settings (auto compiles on CUDA only)",
+    )
+    p.add_argument(
         "--no-verify",
         action="store_true",
         help="skip the untimed pass that compares every step's logits and the final KV "
@@ -123,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.baselines.insert(
             0, "native_pytorch"
         )  # the reference every other run is checked against
+    if args.compile == "on" or (args.compile == "auto" and args.device != "cpu"):
+        args.baselines.insert(1, COMPILED)
     if min(args.runs, args.prompt_tokens, args.new_tokens, args.threads) < 1 or args.warmup < 0:
         p.error("--runs, --prompt-tokens, --new-tokens and --threads must be >= 1, --warmup >= 0")
     if args.link_gbps is not None and args.link_gbps <= 0:
@@ -149,6 +161,10 @@ def compare(results: dict[str, dict[str, Any]], device: torch.device) -> dict[st
         )
         out["full_rest_per_token_ms"] = (
             full["aggregates"]["mean_per_token_ms"] - out["full_server_busy_per_token_ms"]
+        )
+    if full and COMPILED in results:
+        out["full_over_native_compiled_per_token"] = dataclasses.asdict(
+            Paired.of(per_token["full_djinn"], per_token[COMPILED])
         )
     if full and blind:
         out["full_vs_blind_speedup"] = dataclasses.asdict(
@@ -216,6 +232,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         "semantic_blind": "Semantic-Blind",
         "partially_aware": "Partially-Aware",
         "full_djinn": "Full Djinn",
+        COMPILED: "Native Compiled",
     }
     columns = [
         "Baseline",
@@ -289,6 +306,21 @@ def summary_md(
             f"(native ran the same steps in {native_ms:.2f} ms), "
             f"{c['full_rest_per_token_ms']:.2f} ms elsewhere (client, wire, waiting)"
         )
+    if "full_over_native_compiled_per_token" in c:
+        lines.append(
+            "- **Full Djinn per token, over Native Compiled** (the local model under the "
+            f"server's --compile {meta['compile']}): "
+            f"{describe(c['full_over_native_compiled_per_token'])}"
+        )
+    for side in ("server", "native"):
+        warmup = meta.get(f"{side}_compile_warmup")
+        for w in warmup.values() if side == "server" and warmup else [warmup] if warmup else []:
+            lines.append(
+                f"- **Compile warm-up ({side}):** {'kept' if w['enabled'] else 'not kept'} "
+                f"({w['why']}); compiled in {w['compile_s']:.1f} s; {w['tokens_equal']} "
+                f"greedy tokens equal eager, max logit diff {w['max_logit_diff']:.3g}; "
+                f"{w['compiled_ms']:.2f} ms/step compiled against {w['eager_ms']:.2f} eager"
+            )
     if "full_vs_blind_speedup" in c:
         faster = Paired(**c["full_vs_blind_speedup"])
         claim = (
@@ -318,13 +350,15 @@ def summary_md(
         lines += ["", "## Verification (one untimed pass per remote baseline)", ""]
         lines.append(
             "Every step's last logits row and the KV cache after the last step (fetched from "
-            "the server where it stays there), against native's; tolerance "
-            f"{next(iter(checked.values()))['tolerance']:g} of the largest native value."
+            "the server where it stays there), against native's (against native_compiled's "
+            "where both the server and native_compiled kept the compiled step), within the "
+            "tolerance shown, of the largest native value."
         )
         lines.append("")
         for name, v in checked.items():
             lines.append(
-                f"- {name}: {'ok' if v['ok'] else 'MISMATCH'}; max logit diff "
+                f"- {name}: {'ok' if v['ok'] else 'MISMATCH'} (tolerance {v['tolerance']:g}); "
+                f"max logit diff "
                 f"{v['max_logit_diff']:.3g} (largest logit {v['logit_scale']:.3g}); cache "
                 f"{v['cache_tokens']} of {v['native_cache_tokens']} positions, max diff "
                 f"{v['max_cache_diff']:.3g} (largest value {v['cache_scale']:.3g})"
@@ -436,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = model.get_output_embeddings().out_features
     ids = prompt_ids(tokenizer, args.prompt_tokens, vocab).to(device)
     server_args = ["--device", str(device), "--dtype", args.dtype, "--log-level", "WARNING"]
-    server_args += ["--threads", str(args.threads)]
+    server_args += ["--threads", str(args.threads), "--compile", args.compile]
     if served:
         server_args += ["--model", f"{served}={source}"]
     server_args += ["--store", str(args.store or out_dir / "store")]
@@ -464,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
         f"djinn {djinn.__version__}",
         "threads": args.threads,
+        "compile": args.compile,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "load_before": load_average(),
     }
@@ -471,7 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess(*server_args, log=str(out_dir / "server.log")) as server:
         client = djinn.connect(server.address, link=link, timeout=600)
         runners: dict[str, Any] = {"native_pytorch": Local(model)}
-        for name in args.baselines[1:]:
+        if COMPILED in args.baselines:
+            log(f"compiling the local model's decode step for {COMPILED} ...")
+            runners[COMPILED] = LocalCompiled(model, args.compile)
+            meta["native_compile_warmup"] = runners[COMPILED].warmup.as_dict()
+        remote = [name for name in args.baselines if name in POLICIES]
+        for name in remote:
             log(f"registering the model for {name} ...")
             began = time.perf_counter()
             if served:  # the server reads the weights from its own disk
@@ -484,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             held = f"uploaded {sent / 1e6:.1f} MB" if sent else "the server held it already"
             log(f"  {held}, {time.perf_counter() - began:.1f} s")
         log("waiting for the server to be idle ...")
-        wait_idle(client)
+        meta["server_compile_warmup"] = wait_idle(client).get("compiled", {})
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.baselines}
         total = (args.warmup + args.runs) * len(args.baselines)
         with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
@@ -499,12 +539,17 @@ def main(argv: list[str] | None = None) -> int:
         checks = {}
         if not args.no_verify:
             log("verifying every step's logits and the final KV cache (untimed) ...")
-            native_trace = trace(runners["native_pytorch"], ids, args.new_tokens)
-            for name in args.baselines[1:]:
-                checks[name] = check(
-                    native_trace, trace(runners[name], ids, args.new_tokens), dtype
-                )
-        for name in args.baselines[1:]:
+            reference = trace(runners["native_pytorch"], ids, args.new_tokens)
+            if COMPILED in runners:
+                # the remote baselines run the compiled step where both ends kept it
+                ours = trace(runners[COMPILED], ids, args.new_tokens)
+                checks[COMPILED] = check(reference, ours, dtype, compiled=True)
+                kept = [w["enabled"] for w in meta["server_compile_warmup"].values()]
+                if runners[COMPILED].decode is not None and all(kept) and kept:
+                    reference = ours
+            for name in remote:
+                checks[name] = check(reference, trace(runners[name], ids, args.new_tokens), dtype)
+        for name in remote:
             runners[name].close()
         client.close()
 
@@ -555,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Experiment 2.1 -- {model_id} on {meta['device']}, link: {meta['link']}")
     print(table(results))
     print()
-    for key in ("full_over_native_per_token", "full_vs_blind_speedup"):
+    keys = ("full_over_native_per_token", "full_over_native_compiled_per_token")
+    for key in (*keys, "full_vs_blind_speedup"):
         if key in comparison:
             print(f"{key}: {describe(comparison[key])}")
     for key in ("full_server_busy_per_token_ms", "full_rest_per_token_ms", "blind_over_full_data"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from djinn.cli import HelpFormatter
 from djinn.errors import UsageError
-from djinn.server.config import DTYPES, GIB, ServerConfig, default_store
+from djinn.server.config import COMPILE_MODES, DTYPES, GIB, ServerConfig, default_store
 
 
 def _model(text: str) -> tuple[str, Path]:
@@ -136,6 +136,13 @@ def parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--prefill-chunk", type=int, default=512, help="prompt tokens per device turn"
     )
+    work.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_MODES,
+        help="run decode steps under torch.compile, kept only where a warm-up at model load "
+        "gives eager's greedy tokens; auto compiles on CUDA only, where it is faster",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -169,6 +176,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         batch_wait_us=args.batch_wait_us,
         prefill_chunk=args.prefill_chunk,
+        compile=args.compile,
         threads=args.threads,
         metrics_port=args.metrics_port,
     )

@@ -143,6 +143,7 @@ class Server:
             "store_loading": self.models.loading,
             "process_cpu_s": time.process_time(),
             **self.device.batcher.stats(),
+            "compiled": self.models.compiled(),
             **self.device.memory(),
         }
 

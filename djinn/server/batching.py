@@ -188,6 +188,10 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 def _alone(step: Step) -> None:
+    decode = step.model.decode
+    if decode is not None and decode.takes(step.rows, step.cache.get_seq_length()):
+        step.logits = decode(step.input_ids, step.cache, step.attention_mask, step.position_ids)
+        return
     kwargs: dict[str, Any] = {"use_cache": True, step.model.cache_arg: step.cache}
     if step.attention_mask is not None:
         kwargs["attention_mask"] = step.attention_mask

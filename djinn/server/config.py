@@ -11,6 +11,7 @@ from djinn.errors import UsageError
 from djinn.net.frame import DEFAULT_LIMITS, Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("off", "auto", "on")  # see djinn/server/compiled.py
 GIB = 1024**3
 
 
@@ -57,6 +58,7 @@ class ServerConfig:
     max_batch: int = 64  # decode rows in one batched forward
     batch_wait_us: int = 0  # how long a lone decode step waits for company
     prefill_chunk: int = 512  # prompt tokens per device turn; longer prompts take several
+    compile: str = "off"  # the decode step under torch.compile: off, auto (CUDA only), on
     threads: int | None = None  # torch threads; None leaves torch's default
     metrics_port: int | None = None
 
@@ -69,6 +71,10 @@ class ServerConfig:
             )
         if not 0 <= self.port < 65536:
             raise UsageError(f"cannot listen on port {self.port}: ports run from 0 to 65535")
+        if self.compile not in COMPILE_MODES:
+            raise UsageError(
+                f"cannot compile {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}"
+            )
         if self.dtype not in DTYPES:
             raise UsageError(f"cannot use dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.trust_remote_code and not self.token:

@@ -63,7 +63,9 @@ from djinn.errors import (
 from djinn.fingerprint import Hasher
 from djinn.modelfacts import ModelFacts, cache_arg
 from djinn.net.codec import TORCH_DTYPES
+from djinn.server import compiled
 from djinn.server.batching import takes_positions
+from djinn.server.compiled import CompiledDecode, Warmup
 
 if TYPE_CHECKING:
     from djinn.server.config import ServerConfig
@@ -90,6 +92,8 @@ class LoadedModel:
     takes_positions: bool
     refcount: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    decode: CompiledDecode | None = None  # the compiled decode step, under --compile
+    warmup: Warmup | None = None  # what the compile warm-up measured
 
     @property
     def config(self) -> Any:
@@ -214,6 +218,14 @@ class ModelStore:
     def resident(self) -> list[tuple[str, int]]:
         """(fingerprint, bytes) of every model in memory."""
         return [(fp, model.nbytes) for fp, model in self._models.items()]
+
+    def compiled(self) -> dict[str, dict[str, Any]]:
+        """The compile warm-up of every model in memory that had one, by fingerprint."""
+        return {
+            fp: model.warmup.as_dict()
+            for fp, model in self._models.items()
+            if model.warmup is not None and self._config.compile != "off"
+        }
 
     @property
     def loading(self) -> int:
@@ -497,7 +509,7 @@ class ModelStore:
         tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
         arg = cache_arg(module) or ""
-        return LoadedModel(
+        model = LoadedModel(
             fingerprint=fingerprint,
             module=module,
             nbytes=sum(t.nbytes for t in tensors.values()),
@@ -506,6 +518,16 @@ class ModelStore:
             dtype=dtype,
             takes_positions=bool(arg) and takes_positions(module),
         )
+        if model.takes_positions and model.facts.vocab_size:  # a decode step can batch
+            model.decode, model.warmup = compiled.prepare(
+                module,
+                arg,
+                model.facts.vocab_size,
+                self._device.device,
+                self._config.compile,
+                fingerprint[:12],
+            )
+        return model
 
     def acquire(self, fingerprint: str) -> LoadedModel:
         model = self._models.get(fingerprint)
