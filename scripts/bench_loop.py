@@ -11,7 +11,7 @@ overhead is (remote - local) / tokens in that round. Reported: the median
 over rounds with its spread, the paired ratio, and the CPU time per step of
 the server process and of this client. One torch thread on each side.
 
-    python scripts/bench_loop.py [--rounds 60] [--tokens 50] [--profile]
+    python scripts/bench_loop.py [--rounds 60] [--tokens 50] [--compile on] [--profile]
 
 With --profile, one more set of rounds runs with the client under cProfile
 and the server under py-spy (where installed), and the top entries of each
@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import djinn  # noqa: E402
+from djinn.server.config import COMPILE_MODES  # noqa: E402
 from harness.server import ServerProcess, pin  # noqa: E402
 from harness.stats import Paired, outliers, spread  # noqa: E402
 
@@ -83,6 +84,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_MODES,
+        help="the server's --compile; the local loop stays eager (the user's own loop)",
+    )
+    parser.add_argument(
         "--no-pin", action="store_true", help="let the scheduler place both (default: a CPU each)"
     )
     args = parser.parse_args()
@@ -92,6 +99,7 @@ def main() -> None:
     ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
     store = tempfile.mkdtemp(prefix="djinn-loop-")
     server_args = ("--device", "cpu", "--threads", "1", "--log-level", "WARNING", "--store", store)
+    server_args += ("--compile", args.compile)
     with ServerProcess(*server_args) as server, djinn.RemoteModel(model(), server.address) as rm:
         sp, me = psutil.Process(server.pid), psutil.Process()
         if pinned:  # as on two machines: each side keeps its core and its caches
@@ -119,7 +127,7 @@ def main() -> None:
     placement = "client on cpu 0, server on cpu 1" if pinned else "unpinned"
     print(
         f"machine: {os.cpu_count()} cpus ({placement}), torch {torch.__version__}; "
-        "one torch thread each side"
+        f"one torch thread each side; server --compile {args.compile}"
     )
     print(
         f"2-layer GPT-2 (256 wide, vocab 50257), {args.tokens} tokens per round, "
