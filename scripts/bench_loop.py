@@ -98,8 +98,8 @@ def main() -> None:
     local = model()
     ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
     store = tempfile.mkdtemp(prefix="djinn-loop-")
-    server_args = ("--device", "cpu", "--threads", "1", "--log-level", "WARNING", "--store", store)
-    server_args += ("--compile", args.compile)
+    server_args = ["--device", "cpu", "--threads", "1", "--log-level", "WARNING", "--store", store]
+    server_args += ["--compile", args.compile]
     with ServerProcess(*server_args) as server, djinn.RemoteModel(model(), server.address) as rm:
         sp, me = psutil.Process(server.pid), psutil.Process()
         if pinned:  # as on two machines: each side keeps its core and its caches

@@ -97,3 +97,20 @@ def test_the_default_preset_decodes_varied_tokens() -> None:
     ids = prompt_ids(tokenizer, 72, model.config.vocab_size)
     tokens = trace(Local(model), ids, 50).tokens
     assert len(set(tokens)) >= MIN_DISTINCT
+
+
+def test_a_compiled_trace_is_held_to_its_tokens_and_cache_length(
+    model: GPT2LMHeadModel, ids: torch.Tensor
+) -> None:
+    """Compiled against eager: summation-order differences are reported, not failed; a
+    changed token or a short cache still fails."""
+    native = trace(Local(model), ids, NEW_TOKENS)
+    drifted = native._replace(logits=native.logits + 0.5)
+    result = check(native, drifted, torch.float32, compiled=True)
+    assert result["ok"] and result["tolerance"] is None
+    assert result["max_logit_diff"] == pytest.approx(0.5)
+    assert not check(native, drifted, torch.float32)["ok"]
+    other = native._replace(tokens=[native.tokens[0] + 1, *native.tokens[1:]])
+    assert not check(native, other, torch.float32, compiled=True)["ok"]
+    short = native._replace(cache=[(k[..., :-1, :], v[..., :-1, :]) for k, v in native.cache])
+    assert not check(native, short, torch.float32, compiled=True)["ok"]

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from djinn import RemoteModel, connect
+from djinn.errors import UsageError
 from djinn.server.compiled import WARMUP_TOKENS, CompiledDecode, prepare
+from djinn.server.config import ServerConfig
 from harness.server import ServerProcess
 from tests.models import tiny_gpt2
 
@@ -77,3 +79,8 @@ def test_the_warm_up_refuses_a_step_that_changes_tokens(monkeypatch: pytest.Monk
 def test_auto_stays_eager_on_cpu() -> None:
     decode, warmup = prepare(tiny_gpt2(), "cache", 2000, torch.device("cpu"), "auto", "tiny")
     assert decode is None and not warmup.enabled and "CUDA only" in warmup.why
+
+
+def test_an_unknown_mode_is_refused_at_start() -> None:
+    with pytest.raises(UsageError, match="choose one of off, auto, on"):
+        ServerConfig(compile="fast").check()
