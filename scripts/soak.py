@@ -75,9 +75,9 @@ def wait_for(check: Callable[[], bool], seconds: float = 30.0) -> float:
     raise SystemExit("timed out waiting for the server")
 
 
-def settled(observer: djinn.Client) -> bool:
+def settled(observer: djinn.Client, connections: int = 1) -> bool:
     stats = observer.server_stats()
-    return all(stats[k] == v for k, v in SETTLED.items())
+    return all(stats[k] == v for k, v in {**SETTLED, "connections": connections}.items())
 
 
 def mib(process: psutil.Process) -> float:
@@ -143,10 +143,12 @@ def kills_and_churn(args: argparse.Namespace, server: ServerProcess) -> list[tup
 # -- adversarial mode --------------------------------------------------------------------------
 
 
-def honest(address: str, prompt: torch.Tensor, tokens: int) -> tuple[list[int], list[float]]:
-    """A streaming client's loop: every token read as it is made."""
-    torch.set_num_threads(1)
-    with djinn.RemoteModel(tiny_model(), address) as rm:
+def honest(
+    client: djinn.Client, model: torch.nn.Module, prompt: torch.Tensor, tokens: int
+) -> tuple[list[int], list[float]]:
+    """A streaming client's loop, a session on its own connection: every token read as
+    it is made."""
+    with djinn.RemoteModel(model, client) as rm:
         out = rm(prompt)
         got, latencies = [], []
         for _ in range(tokens):
@@ -258,12 +260,15 @@ def adversarial(
             prompt, max_new_tokens=args.tokens, do_sample=False, pad_token_id=0
         )
     expected_tokens = expected[0, prompt.shape[1] :].tolist()
-    djinn.RemoteModel(model, server.address).close()
-    honest(server.address, prompt, args.tokens)  # warm-up
+    torch.set_num_threads(1)
+    # one connection for the whole test, as a serving client keeps: the attacker's
+    # connection flood is refused past --max-connections, and must not touch it
+    client = djinn.connect(server.address)
+    honest(client, model, prompt, args.tokens)  # warm-up
     observer = djinn.connect(server.address)
-    wait_for(lambda: settled(observer))
+    wait_for(lambda: settled(observer, connections=2))
     baseline = mib(process)
-    solo_tokens, solo = honest(server.address, prompt, args.tokens)
+    solo_tokens, solo = honest(client, model, prompt, args.tokens)
     context = multiprocessing.get_context("fork")
     stop, counts = context.Event(), context.Queue()
     attacker = context.Process(target=adversary, args=(server.address, stop, counts))
@@ -273,7 +278,7 @@ def adversarial(
     deadline = time.monotonic() + args.seconds
     loops = 0
     while time.monotonic() < deadline:
-        got, latencies = honest(server.address, prompt, args.tokens)
+        got, latencies = honest(client, model, prompt, args.tokens)
         tokens_ok &= got == expected_tokens
         under.extend(latencies)
         loops += 1
@@ -284,10 +289,11 @@ def adversarial(
     while not counts.empty():
         name = counts.get()
         attacks[name] = attacks.get(name, 0) + 1
-    settle = wait_for(lambda: settled(observer), seconds=30)
+    settle = wait_for(lambda: settled(observer, connections=2), seconds=30)
     time.sleep(1.0)
     after = mib(process)
     observer.close()
+    client.close()
     ratio = p99(under) / p99(solo)
     print(f"honest client: {args.tokens}-token greedy loop, every token read")
     print(f"  solo: p50 {statistics.median(solo) * 1e3:.2f} ms, p99 {p99(solo) * 1e3:.2f} ms")

@@ -323,8 +323,19 @@ def _swallow(fn: Callable[[], object]) -> None:
 
 
 def test_a_long_generate_does_not_hold_the_device_from_others(tight: ServerProcess) -> None:
+    _steps_beside_a_generate(tight.address)
+
+
+def test_without_batching_too(tmp_path: Path) -> None:
+    """The serial path gives the turn up between a generate's steps as the batcher does."""
+    args = ("--store", str(tmp_path), "--device", "cpu", "--batching", "off")
+    with ServerProcess(*args, "--log-level", "WARNING") as server:
+        _steps_beside_a_generate(server.address)
+
+
+def _steps_beside_a_generate(address: str) -> None:
     model = tiny_gpt2()
-    with RemoteModel(model, tight.address) as hog, RemoteModel(model, tight.address) as other:
+    with RemoteModel(model, address) as hog, RemoteModel(model, address) as other:
         worker = threading.Thread(
             target=lambda: hog.generate(prompt(batch=8), max_new_tokens=240, do_sample=False)
         )

@@ -103,9 +103,12 @@ class Batcher:
     def run(self, job: Job, step: Step) -> torch.Tensor:
         """The step's logits [rows, 1, vocab]. Called holding the turn; gives it up while
         the step waits for its batch."""
-        alone = not (self._wait_s or self._waiting or self._device.turn.contended)
-        if not self.enabled or alone:  # nobody to wait for: no hand-over of the turn
+        if not self.enabled:  # the serial path: the turn goes round between steps
             self._execute([step])
+            self._device.pause(job)
+            return step.outcome()
+        if not (self._wait_s or self._waiting or self._device.turn.contended):
+            self._execute([step])  # nobody to wait for: no hand-over of the turn
             return step.outcome()
         with self._device.released():
             with self._cond:
