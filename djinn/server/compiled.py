@@ -14,8 +14,8 @@ gave none), so one graph serves every caller.
 The warm-up decides: it runs the same greedy decode eager and compiled,
 and keeps the compiled step only if every token is equal. With `auto` it
 must also be faster; `auto` compiles on CUDA only, because on this
-project's 2-core CPU the compile of a 2-layer GPT-2 took 41 s and won 9%
-per step (see the README's compile section).
+project's 2-core CPU the gpt2 preset's compile took 14 s (41 s for a 2-layer
+GPT-2 with no inductor cache yet) and saved 7-12% per step (README).
 
 Left for a GPU: a static cache sized by --max-context under CUDA graphs
 (`mode="reduce-overhead"`), where the launch-bound decode step gains most.
