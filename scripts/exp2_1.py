@@ -133,8 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.baselines.insert(
             0, "native_pytorch"
         )  # the reference every other run is checked against
-    if args.compile == "on" or (args.compile == "auto" and args.device != "cpu"):
-        args.baselines.insert(1, COMPILED)
     if min(args.runs, args.prompt_tokens, args.new_tokens, args.threads) < 1 or args.warmup < 0:
         p.error("--runs, --prompt-tokens, --new-tokens and --threads must be >= 1, --warmup >= 0")
     if args.link_gbps is not None and args.link_gbps <= 0:
@@ -318,15 +316,16 @@ def summary_md(
             f"server's --compile {meta['compile']}): "
             f"{describe(c['full_over_native_compiled_per_token'])}"
         )
-    for side in ("server", "native"):
-        warmup = meta.get(f"{side}_compile_warmup")
-        for w in warmup.values() if side == "server" and warmup else [warmup] if warmup else []:
-            lines.append(
-                f"- **Compile warm-up ({side}):** {'kept' if w['enabled'] else 'not kept'} "
-                f"({w['why']}); compiled in {w['compile_s']:.1f} s; {w['tokens_equal']} "
-                f"greedy tokens equal eager, max logit diff {w['max_logit_diff']:.3g}; "
-                f"{w['compiled_ms']:.2f} ms/step compiled against {w['eager_ms']:.2f} eager"
-            )
+    warmups = [(f"server, model {fp[:12]}", w) for fp, w in meta.get("server_warmups", {}).items()]
+    if "native_warmup" in meta:
+        warmups.append(("native_compiled", meta["native_warmup"]))
+    for side, w in warmups:
+        lines.append(
+            f"- **Compile warm-up ({side}):** {'kept' if w['enabled'] else 'not kept'} "
+            f"({w['why']}); compiled in {w['compile_s']:.1f} s; {w['tokens_equal']} "
+            f"greedy tokens equal eager, max logit diff {w['max_logit_diff']:.3g}; "
+            f"{w['compiled_ms']:.2f} ms/step compiled against {w['eager_ms']:.2f} eager"
+        )
     if "full_vs_blind_speedup" in c:
         faster = Paired(**c["full_vs_blind_speedup"])
         claim = (
@@ -452,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device not in ("auto", "cpu"):
         device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        args.baselines.insert(1, COMPILED)  # auto compiles nothing on a CPU
     torch.set_num_threads(args.threads)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = args.out or ROOT / "results" / f"exp2_1_{stamp}"
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         if COMPILED in args.baselines:
             log(f"compiling the local model's decode step for {COMPILED} ...")
             runners[COMPILED] = LocalCompiled(model, args.compile)
-            meta["native_compile_warmup"] = runners[COMPILED].warmup.as_dict()
+            meta["native_warmup"] = runners[COMPILED].warmup.as_dict()
         remote = [name for name in args.baselines if name in POLICIES]
         for name in remote:
             log(f"registering the model for {name} ...")
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             held = f"uploaded {sent / 1e6:.1f} MB" if sent else "the server held it already"
             log(f"  {held}, {time.perf_counter() - began:.1f} s")
         log("waiting for the server to be idle ...")
-        meta["server_compile_warmup"] = wait_idle(client).get("compiled", {})
+        meta["server_warmups"] = wait_idle(client).get("compiled", {})
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.baselines}
         total = (args.warmup + args.runs) * len(args.baselines)
         with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                 # the remote baselines run the compiled step where both ends kept it
                 ours = trace(runners[COMPILED], ids, args.new_tokens)
                 checks[COMPILED] = check(reference, ours, dtype, compiled=True)
-                kept = [w["enabled"] for w in meta["server_compile_warmup"].values()]
+                kept = [w["enabled"] for w in meta["server_warmups"].values()]
                 if runners[COMPILED].decode is not None and all(kept) and kept:
                     reference = ours
             for name in remote:
