@@ -25,6 +25,7 @@ requests where one padded `generate` over the same 32 made 9,673.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -36,6 +37,8 @@ import torch
 if TYPE_CHECKING:
     from djinn.server.device import Device, Job
     from djinn.server.models import LoadedModel
+
+log = logging.getLogger("djinn.server")
 
 # Queue waits kept for the percentiles in server_stats.
 _WAITS_KEPT: Final = 4096
@@ -104,8 +107,8 @@ class Batcher:
         """The step's logits [rows, 1, vocab]. Called holding the turn; gives it up while
         the step waits for its batch."""
         if not self.enabled:  # the serial path: the turn goes round between steps
+            self._device.pause(job)  # before the step: a job told to stop grows no cache
             self._execute([step])
-            self._device.pause(job)
             return step.outcome()
         if not (self._wait_s or self._waiting or self._device.turn.contended):
             self._execute([step])  # nobody to wait for: no hand-over of the turn
@@ -191,10 +194,18 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 def _alone(step: Step) -> None:
-    decode = step.model.decode
-    if decode is not None and decode.takes(step.rows, step.cache.get_seq_length()):
-        step.logits = decode(step.input_ids, step.cache, step.attention_mask, step.position_ids)
-        return
+    decode, cached = step.model.decode, step.cache.get_seq_length()
+    if decode is not None and decode.takes(step.rows, cached):
+        try:
+            step.logits = decode(step.input_ids, step.cache, step.attention_mask, step.position_ids)
+            return
+        except Exception as exc:
+            if step.cache.get_seq_length() != cached:  # it failed running: the cache grew
+                raise
+            # it failed compiling (a new input form): the model serves eager from now on
+            step.model.decode = None
+            name = step.model.fingerprint[:12]
+            log.warning("model %s: compiled step failed, serving eager: %s", name, exc)
     kwargs: dict[str, Any] = {"use_cache": True, step.model.cache_arg: step.cache}
     if step.attention_mask is not None:
         kwargs["attention_mask"] = step.attention_mask

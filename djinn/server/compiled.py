@@ -7,9 +7,15 @@ user's local eager loop pays the framework's per-op overhead each token.
 The step is compiled once, when the model is loaded, with dynamic shapes
 over transformers' DynamicCache, so a growing cache does not recompile and
 a session's cache stays the plain cache every other path (batching,
-fetch, replay) handles. Prefill stays eager. A compiled step is always
-called with the same arguments (mask and positions made when the caller
-gave none), so one graph serves every caller.
+fetch, replay) handles. It serves one row's decode step run alone (a user's
+loop, a one-row generate); prefill, several sessions' steps batched
+together and multi-row steps stay eager. A compiled step is always called
+with the same arguments (mask and positions made when the caller gave
+none), so one graph serves every caller. A step that would need a new
+graph and fails to build it runs eager, and so does the model from then on.
+
+The warm-up runs in the loading thread, beside other sessions' work: on a
+busy server its timings, and with them `auto`'s choice, are noisier.
 
 The warm-up decides: it runs the same greedy decode eager and compiled,
 and keeps the compiled step only if every token is equal. With `auto` it
@@ -44,7 +50,7 @@ class Warmup:
 
     enabled: bool
     why: str
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # the first compiled decode (WARMUP_TOKENS steps), compile included
     eager_ms: float = 0.0  # per decode step, on the warm-up prompt
     compiled_ms: float = 0.0
     tokens_equal: int = 0  # of WARMUP_TOKENS

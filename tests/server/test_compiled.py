@@ -4,13 +4,17 @@ this machine's two cores takes about half a minute, so that test is slow."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from djinn import RemoteModel, connect
 from djinn.errors import UsageError
+from djinn.server.batching import Step, _alone
 from djinn.server.compiled import WARMUP_TOKENS, CompiledDecode, prepare
 from djinn.server.config import ServerConfig
 from harness.server import ServerProcess
@@ -23,7 +27,7 @@ TOKENS = 24
 @pytest.fixture(scope="module")
 def compiling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     store = tmp_path_factory.mktemp("store")
-    args = ("--store", str(store), "--device", "cpu", "--compile", "on", "--batching", "off")
+    args = ("--store", str(store), "--device", "cpu", "--compile", "on")
     with ServerProcess(*args, "--log-level", "INFO") as proc:
         yield proc
 
@@ -84,3 +88,39 @@ def test_auto_stays_eager_on_cpu() -> None:
 def test_an_unknown_mode_is_refused_at_start() -> None:
     with pytest.raises(UsageError, match="choose one of off, auto, on"):
         ServerConfig(compile="fast").check()
+
+
+def test_a_step_whose_graph_fails_to_build_runs_eager() -> None:
+    """A compiled step that raises before it ran (a new graph that cannot be built) is
+    served eager, and the model stays eager; one that raises after growing the cache
+    is an error, never run twice."""
+
+    class Failing:
+        def __init__(self, grow: bool) -> None:
+            self.grow = grow
+
+        def takes(self, rows: int, cached: int) -> bool:
+            return True
+
+        def __call__(self, ids: torch.Tensor, cache: Any, *rest: Any) -> torch.Tensor:
+            if self.grow:
+                layer = cache.layers[0]
+                layer.update(layer.keys[..., -1:, :], layer.values[..., -1:, :])
+            raise RuntimeError("cannot build this graph")
+
+    model = tiny_gpt2()
+    ids = torch.randint(1, 1999, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache = model(ids, use_cache=True).cache
+        token = torch.tensor([[7]])
+        expected = model(token, cache=copy.deepcopy(cache), use_cache=True).logits
+        loaded = SimpleNamespace(
+            module=model, cache_arg="cache", decode=Failing(False), fingerprint="f" * 64
+        )
+        step = Step(loaded, token, cache, None, None)  # type: ignore[arg-type]
+        _alone(step)
+        assert step.logits is not None and torch.equal(step.logits, expected)
+        assert loaded.decode is None
+        loaded.decode = Failing(True)
+        with pytest.raises(RuntimeError, match="cannot build"):
+            _alone(Step(loaded, token, cache, None, None))  # type: ignore[arg-type]
