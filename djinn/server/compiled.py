@@ -15,7 +15,10 @@ none), so one graph serves every caller. A step that would need a new
 graph and fails to build it runs eager, and so does the model from then on.
 
 The warm-up runs in the loading thread, beside other sessions' work: on a
-busy server its timings, and with them `auto`'s choice, are noisier.
+busy server its timings, and with them `auto`'s choice, are noisier. Models
+of one architecture share their graph (torch keys it on the forward's code);
+past torch's recompile limit, 8 graphs per forward, torch runs eager, and
+the warm-up would keep a step that gains nothing.
 
 The warm-up decides: it runs the same greedy decode eager and compiled,
 and keeps the compiled step only if every token is equal. With `auto` it
