@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+import msgspec
 import torch
 
 from djinn import messages
 from djinn.errors import UsageError
 from djinn.fingerprint import Hasher, canonical_config, header
 from djinn.net.codec import TORCH_DTYPES
+from djinn.paths import cache_root
 
 NO_FINGERPRINT: Final = "0" * 64
 READ_BYTES: Final = 16 << 20  # hashing reads the files this much at a time
@@ -168,6 +170,12 @@ def weights(folder: Folder, start: int) -> Iterator[torch.Tensor]:
         yield torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
 
+def fingerprinted(folder: Folder, cache: Path | None) -> Folder:
+    """The folder with its fingerprint in its spec (see `fingerprint_of`)."""
+    fingerprint = fingerprint_of(folder, cache)
+    return folder._replace(spec=msgspec.structs.replace(folder.spec, fingerprint=fingerprint))
+
+
 def fingerprint_of(folder: Folder, cache: Path | None) -> str:
     """The folder's fingerprint, remembered in `cache` (a JSON file) by path and the
     files' sizes and mtimes, so attaching the same files again reads none of them."""
@@ -201,10 +209,8 @@ def changed(folder: Folder) -> bool:
 
 def user_cache() -> Path:
     """Where the client remembers fingerprints: $DJINN_CACHE, else the user's cache folder."""
-    root = os.environ.get("DJINN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "djinn"
-    )
-    return Path(root) / "fingerprints.json"
+    root = os.environ.get("DJINN_CACHE")
+    return (Path(root) if root else cache_root()) / "fingerprints.json"
 
 
 # -- the pieces -------------------------------------------------------------------------

@@ -20,11 +20,10 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
 import torch
 
 from djinn import messages
-from djinn.checkpoint import Folder, fingerprint_of, read_folder, user_cache, weights
+from djinn.checkpoint import Folder, fingerprinted, read_folder, user_cache, weights
 from djinn.client import DEFAULT_TIMEOUT, Client, connect
 from djinn.cluster import Router, is_cluster
 from djinn.errors import ConnectionLostError, DjinnTimeoutError, ReplayError, UsageError
@@ -188,7 +187,6 @@ class RemoteModel:
         else:
             address = self._router.place(key) if self._router is not None else server
             self._client, self._owns_client = connect(address, token=token, timeout=timeout), True
-        self._address = self._client.address
         self._register_on: Callable[[Client], str] = lambda client: str(self._key)
 
     def _stand_in(
@@ -246,11 +244,7 @@ class RemoteModel:
             getattr(transformers, card.cls), config, _generation(card.generation_config), True, name
         )
         assert session.fingerprint is not None
-        self.fingerprint: str = session.fingerprint
-        self.uploaded_bytes = 0
-        self.weight_bytes = 0
-        weights_value = Value("weights", Lifecycle.WEIGHT, 0, Side.SERVER)
-        session.record(plan(Call("register", detect_phase(0), (weights_value,)), self.policy))
+        self._record_register(session, session.fingerprint, 0, 0)
         return session
 
     def _registered(
@@ -269,13 +263,19 @@ class RemoteModel:
         session = RemoteSession(
             self._client, spec.fingerprint, self._meter, self.policy, recover=self._recover()
         )
-        self.fingerprint = spec.fingerprint
-        self.uploaded_bytes = uploaded
-        self.weight_bytes = sum(sizes)
-        side = Side.SERVER if not uploaded else Side.CLIENT
-        weights_value = Value("weights", Lifecycle.WEIGHT, self.weight_bytes, side)
-        session.record(plan(Call("register", detect_phase(0), (weights_value,)), self.policy))
+        self._record_register(session, spec.fingerprint, uploaded, sum(sizes))
         return session
+
+    def _record_register(
+        self, session: RemoteSession, fingerprint: str, uploaded: int, nbytes: int
+    ) -> None:
+        """What the attach moved, and the planner's record of where the weights are."""
+        self.fingerprint: str = fingerprint
+        self.uploaded_bytes = uploaded
+        self.weight_bytes = nbytes
+        side = Side.CLIENT if uploaded else Side.SERVER
+        weights_value = Value("weights", Lifecycle.WEIGHT, nbytes, side)
+        session.record(plan(Call("register", detect_phase(0), (weights_value,)), self.policy))
 
     # -- surviving a lost server -----------------------------------------------------------
 
@@ -293,7 +293,7 @@ class RemoteModel:
                 address = (
                     self._router.place(self._key, avoid=[lost])
                     if self._router is not None
-                    else self._address
+                    else lost  # one server: the same address, restarted
                 )
                 client = connect(address, token=self._token, timeout=self._timeout)
                 break
@@ -705,10 +705,12 @@ class RemoteModel:
 def _fingerprinted(folder: Folder) -> Folder:
     """The folder with its fingerprint, remembered or read from its files."""
     began = time.perf_counter()
-    fingerprint = fingerprint_of(folder, user_cache())
+    folder = fingerprinted(folder, user_cache())
     seconds = time.perf_counter() - began
-    log.info("model %s: fingerprint %s (%.1f s)", folder.path, fingerprint[:12], seconds)
-    return folder._replace(spec=msgspec.structs.replace(folder.spec, fingerprint=fingerprint))
+    log.info(
+        "model %s: fingerprint %s (%.1f s)", folder.path, folder.spec.fingerprint[:12], seconds
+    )
+    return folder
 
 
 def _generation(fields: dict[str, Any] | None) -> Any:

@@ -28,6 +28,7 @@ import torch
 
 from djinn.kvcache import cache_layers
 from djinn.model import RemoteModel
+from djinn.paths import cache_root
 from djinn.server.compiled import prepare
 from harness.stats import percentile
 
@@ -76,10 +77,8 @@ def is_model(name: str) -> bool:
 
 def weights_cache() -> Path:
     """Where generated preset weights are kept: $DJINN_WEIGHTS, else the user's cache."""
-    root = os.environ.get("DJINN_WEIGHTS") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "djinn", "weights"
-    )
-    return Path(root)
+    root = os.environ.get("DJINN_WEIGHTS")
+    return Path(root) if root else cache_root() / "weights"
 
 
 def llama_folder(

@@ -80,6 +80,15 @@ class Paired:
             return False
         return None
 
+    def above(self, limit: float) -> bool | None:
+        """True when the whole interval is at or over `limit`, False when all of it is
+        under, None when it straddles."""
+        if self.low >= limit:
+            return True
+        if self.high < limit:
+            return False
+        return None
+
     def describe(self, fmt: str = ".3f") -> str:
         return (
             f"{self.median:{fmt}}x (95% CI {self.low:{fmt}}-{self.high:{fmt}}, "

@@ -209,8 +209,7 @@ def main() -> None:
     for name in ("raw_socket", "djinn_echo", "inband_pickle"):
         print(f"{name:<28}{results[name + '_gbps']:>10.2f}")
     print(f"djinn / raw rate, paired repeats: {echo_paired.describe('.2f')}")
-    above = None if echo_paired.low < 0.7 <= echo_paired.high else echo_paired.low >= 0.7
-    print(f"  target >= 0.70x: {verdict(above)}")
+    print(f"  target >= 0.70x: {verdict(echo_paired.above(0.7))}")
     print(f"{'djinn / in-band pickle':<28}{pickle_ratio:>10.2f}x")
     print(f"\noutliers (rounds or repeats over 3x their side's median, kept): {flagged}")
     if args.json:

@@ -549,15 +549,15 @@ def main(argv: list[str] | None = None) -> int:
             reference = trace(runners["native_pytorch"], ids, args.new_tokens)
             # remote baselines that ran the compiled step: held to native_compiled's
             # trace where it kept the step too, else to eager's tokens only
-            served = any(w["enabled"] for w in meta["server_warmups"].values())
+            compiled = any(w["enabled"] for w in meta["server_warmups"].values())
             if COMPILED in runners:
                 ours = trace(runners[COMPILED], ids, args.new_tokens)
                 checks[COMPILED] = check(reference, ours, dtype, compiled=True)
-                if served and runners[COMPILED].decode is not None:
-                    reference, served = ours, False
+                if compiled and runners[COMPILED].decode is not None:
+                    reference, compiled = ours, False
             for name in remote:
                 theirs = trace(runners[name], ids, args.new_tokens)
-                checks[name] = check(reference, theirs, dtype, compiled=served)
+                checks[name] = check(reference, theirs, dtype, compiled=compiled)
         for name in remote:
             runners[name].close()
         client.close()

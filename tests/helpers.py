@@ -31,18 +31,6 @@ def eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
     return check()
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now, for a server that must come back on the same one."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class InProcessServer:
     """A djinn Server on a background event loop, for tests that inject handlers."""
 

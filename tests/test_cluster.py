@@ -14,7 +14,8 @@ import torch
 
 from djinn import RemoteModel
 from djinn.cluster import Router
-from tests.helpers import eventually, free_ports
+from djinn.cluster.__main__ import free_ports
+from tests.helpers import eventually
 from tests.models import prompt, slow_gpt2, tiny_gpt2
 
 ray = pytest.importorskip("ray")

@@ -13,10 +13,11 @@ import torch
 
 import djinn
 from djinn import RemoteModel
+from djinn.cluster.__main__ import free_ports
 from djinn.errors import ConnectionLostError, ReplayError
 from harness.exp2_1 import Local, decode
 from harness.server import ServerProcess
-from tests.helpers import eventually, free_ports
+from tests.helpers import eventually
 from tests.models import prompt, slow_gpt2, tiny_gpt2
 
 pytestmark = pytest.mark.timeout(180)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,12 +23,14 @@ from pathlib import Path
 
 from djinn.cli import HelpFormatter
 from djinn.errors import DjinnError
+from djinn.paths import cache_root
 
-STATE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "djinn" / "cluster.json"
+STATE = cache_root() / "cluster.json"
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free on this machine now (for servers on it; pass --port-base across machines)."""
+def free_ports(count: int) -> list[int]:
+    """Ports free on this machine now, on every address 127.0.0.1 included (for servers
+    on it; pass --port-base across machines)."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             ports = (
                 [args.port_base + i for i in range(args.servers)]
                 if args.port_base
-                else _free_ports(args.servers)
+                else free_ports(args.servers)
             )
             addresses = actors.up(
                 args.servers, server_argv, ports=ports, gpus=args.gpus, ray_address=address

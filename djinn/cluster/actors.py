@@ -92,16 +92,14 @@ def up(
     ray = connect_ray(ray_address)
     if handles(ray):
         raise UsageError("a djinn cluster is up already: `python -m djinn.cluster down` first")
-    from djinn.server.config import default_store
+    from djinn.server.__main__ import parser
 
+    # read as the server reads them (--store=PATH too); each server's own values go
+    # last on its command line, where argparse takes them over the shared ones
+    given = parser().parse_args(list(server_argv))
+    store: Path = given.store
+    metrics = given.metrics_port  # like --port, server i serves metrics on the given port + i
     argv = list(server_argv)
-    store = Path(argv[argv.index("--store") + 1]) if "--store" in argv else default_store()
-    if "--store" in argv:
-        del argv[argv.index("--store") : argv.index("--store") + 2]
-    metrics = None  # like --port, server i serves metrics on the given port + i
-    if "--metrics-port" in argv:
-        metrics = int(argv[argv.index("--metrics-port") + 1])
-        del argv[argv.index("--metrics-port") : argv.index("--metrics-port") + 2]
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     actor = ray.remote(ServerActor)
     started = []
@@ -148,11 +146,10 @@ def handles(ray: Any) -> dict[str, Any]:
 
 def ask(ray: Any, calls: dict[str, Any], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """The results of the calls that answer within `timeout`, by name."""
-    refs = {name: ref for name, ref in calls.items()}
-    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    ready, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=timeout)
     done = set(ready)
     out = {}
-    for name, ref in refs.items():
+    for name, ref in calls.items():
         if ref in done:
             try:
                 out[name] = ray.get(ref)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from djinn.errors import UsageError
 from djinn.net.frame import DEFAULT_LIMITS, Limits
+from djinn.paths import cache_root
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "auto", "on")  # see djinn/server/compiled.py
@@ -19,8 +20,7 @@ def default_store() -> Path:
     """Where uploaded weights persist: $DJINN_STORE, else the user's cache dir."""
     if os.environ.get("DJINN_STORE"):
         return Path(os.environ["DJINN_STORE"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "djinn" / "store"
+    return cache_root() / "store"
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from djinn import messages
-from djinn.checkpoint import Folder, changed, fingerprint_of, generation_dict, read_folder
+from djinn.checkpoint import Folder, changed, fingerprinted, generation_dict, read_folder
 from djinn.errors import (
     QuotaExceededError,
     RemoteCodeRefusedError,
@@ -128,7 +128,8 @@ class Upload:
         self.shards += 1
         self.weight_map.update(dict.fromkeys(names, shard))
 
-    def finish(self) -> None:
+    def finish(self) -> dict[str, Any]:
+        """The staged folder's index, config and djinn.json; returns what djinn.json holds."""
         spec = self.spec
         index = {"metadata": {"format": "pt"}, "weight_map": self.weight_map}
         (self.staging / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -144,6 +145,7 @@ class Upload:
         meta = _spec_meta(spec)
         meta["files"] = files
         (self.staging / "djinn.json").write_text(json.dumps(meta))
+        return meta
 
 
 def _spec_meta(spec: messages.ModelSpec) -> dict[str, Any]:
@@ -195,15 +197,15 @@ class ModelStore:
             )
         folder = read_folder(path)
         began = time.perf_counter()
-        fingerprint = fingerprint_of(folder, self._root / ".fingerprints.json")
-        spec = msgspec.structs.replace(folder.spec, fingerprint=fingerprint)
-        self._named[fingerprint] = folder._replace(spec=spec)
+        folder = fingerprinted(folder, self._root / ".fingerprints.json")
+        fingerprint = folder.spec.fingerprint
+        self._named[fingerprint] = folder
         self.names[name] = fingerprint
         log.info(
             "model %s: %s (%s), fingerprint %s (%.1f s)",
             name,
             folder.path,
-            spec.cls,
+            folder.spec.cls,
             fingerprint[:12],
             time.perf_counter() - began,
         )
@@ -224,7 +226,7 @@ class ModelStore:
         return {
             fp: model.warmup.as_dict()
             for fp, model in self._models.items()
-            if model.warmup is not None and self._config.compile != "off"
+            if model.warmup is not None
         }
 
     @property
@@ -351,9 +353,8 @@ class ModelStore:
                         f"not to the registered fingerprint {fingerprint[:16]}..."
                     )
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, upload.finish)
+                meta = await loop.run_in_executor(None, upload.finish)
                 if upload.spec.kind == "transformers":  # what its config builds, before storing it
-                    meta = json.loads((upload.staging / "djinn.json").read_text())
                     size = await loop.run_in_executor(
                         None, _meta_size, upload.staging, meta, self._dtype
                     )
@@ -362,7 +363,7 @@ class ModelStore:
                     upload.staging.rename(self._path(fingerprint))
             finally:
                 shutil.rmtree(upload.staging, ignore_errors=True)
-        await self.load(fingerprint)
+        await self.load(fingerprint, hashed=True)
         log.info("model %s stored and loaded", fingerprint[:12])
         return messages.Registered("ready", fingerprint)
 
@@ -412,8 +413,9 @@ class ModelStore:
 
     # -- loading -------------------------------------------------------------------------
 
-    async def load(self, fingerprint: str) -> LoadedModel:
-        """The model in memory, loading it from the store once however many ask."""
+    async def load(self, fingerprint: str, hashed: bool = False) -> LoadedModel:
+        """The model in memory, loading it from the store once however many ask. `hashed`:
+        its stored files were hashed a moment ago (a commit), so the load need not again."""
         model = self._models.get(fingerprint)
         if model is not None:
             return model
@@ -424,7 +426,7 @@ class ModelStore:
         self._loading[fingerprint] = pending
         try:
             loop = asyncio.get_running_loop()
-            meta, size = await loop.run_in_executor(None, self._inspect, fingerprint)
+            meta, size = await loop.run_in_executor(None, self._inspect, fingerprint, hashed)
             self.check_fits(size, f"model {fingerprint[:12]}")
             self._make_room(size)
             model = await loop.run_in_executor(None, self._load_from_disk, fingerprint, meta)
@@ -439,7 +441,7 @@ class ModelStore:
         log.info("model %s loaded (%d bytes)", fingerprint[:12], model.nbytes)
         return model
 
-    def _inspect(self, fingerprint: str) -> tuple[dict[str, Any], int]:
+    def _inspect(self, fingerprint: str, hashed: bool = False) -> tuple[dict[str, Any], int]:
         """The stored spec, checked file by file, and the bytes the model will take,
         counted on the meta device before anything is allocated."""
         folder = self._named.get(fingerprint)
@@ -454,7 +456,7 @@ class ModelStore:
         path = self._path(fingerprint)
         try:
             meta = json.loads((path / "djinn.json").read_text())
-            files = meta["files"]
+            files = {} if hashed else meta["files"]
             for name, digest in files.items():
                 if file_sha256(path / name) != digest:
                     raise ValueError(f"{name} does not match its recorded hash")
@@ -518,7 +520,7 @@ class ModelStore:
             dtype=dtype,
             takes_positions=bool(arg) and takes_positions(module),
         )
-        if model.takes_positions and model.facts.vocab_size:  # a decode step can batch
+        if self._config.compile != "off" and model.takes_positions and model.facts.vocab_size:
             model.decode, model.warmup = compiled.prepare(
                 module,
                 arg,

@@ -9,8 +9,8 @@ import pytest
 
 import djinn
 from djinn import RemoteModel
+from djinn.cluster.__main__ import free_ports
 from harness.server import ServerProcess
-from tests.helpers import free_ports
 from tests.models import prompt, tiny_gpt2
 
 pytest.importorskip("prometheus_client")
