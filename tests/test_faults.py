@@ -152,9 +152,15 @@ def test_a_killed_server_fails_pending_calls_and_a_restart_needs_no_upload(tmp_p
     assert time.monotonic() - start < 10
     os.waitpid(pid, 0)
     proc.stop()
-    with ServerProcess(*args) as again, RemoteModel(model, again.address) as rm2:
-        assert rm2.uploaded_bytes == 0
-        assert rm2.generate(prompt(), max_new_tokens=3).shape == (1, 15)
+    with ServerProcess(*args) as again:
+        with djinn.connect(again.address) as client:  # listed from the store, not loaded
+            [info] = client.models()
+            assert not info["resident"] and info["dtype"] == "float32"
+            assert info["parameters"] == sum(p.numel() for p in model.parameters())
+            assert client.models() == [info]
+        with RemoteModel(model, again.address) as rm2:
+            assert rm2.uploaded_bytes == 0
+            assert rm2.generate(prompt(), max_new_tokens=3).shape == (1, 15)
 
 
 def test_max_sessions_gives_busy_and_spares_the_others(tmp_path: Path) -> None:

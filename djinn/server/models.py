@@ -184,6 +184,7 @@ class ModelStore:
         self._writing = 0  # uploads and commits writing to the store now
         self.names: dict[str, str] = {}  # --model NAME -> fingerprint
         self._named: dict[str, Folder] = {}  # fingerprint -> the folder it is read from
+        self._stored: dict[str, messages.ModelSpec] = {}  # store entries listed so far
         self._sweep_staging()
         for name, path in config.models:
             self.hold(name, path)
@@ -562,10 +563,9 @@ class ModelStore:
         for meta_file in sorted(self._root.glob("*/djinn.json")) if self._root.is_dir() else []:
             fp = meta_file.parent.name
             if messages.is_fingerprint(fp) and fp not in on_disk:
-                with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-                    meta = json.loads(meta_file.read_text())
-                    entries = [messages.TensorEntry(n, d, sh) for n, d, sh in meta["manifest"]]
-                    on_disk[fp] = messages.ModelSpec(meta["kind"], meta["cls"], fp, entries)
+                spec = self._stored.get(fp) or self._read_spec(meta_file)
+                if spec is not None:
+                    on_disk[fp] = self._stored[fp] = spec
         for fp, spec in on_disk.items():
             if fp in self._models:
                 continue
@@ -581,6 +581,16 @@ class ModelStore:
                 )
             )
         return out
+
+    @staticmethod
+    def _read_spec(meta_file: Path) -> messages.ModelSpec | None:
+        """A store entry's spec, read once: its djinn.json never changes (the folder is
+        named by the content's fingerprint), and a quarantined entry leaves the glob."""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            meta = json.loads(meta_file.read_text())
+            entries = [messages.TensorEntry(n, d, sh) for n, d, sh in meta["manifest"]]
+            return messages.ModelSpec(meta["kind"], meta["cls"], meta_file.parent.name, entries)
+        return None
 
     def card(self, model: LoadedModel) -> messages.ModelCard:
         """What a client needs to stand in for a model it attached by name."""
