@@ -55,12 +55,14 @@ class Span(NamedTuple):
 
 class Folder(NamedTuple):
     """A model folder, read: its spec (the fingerprint still a placeholder), where each
-    weight of the manifest lies, and the files' (name, size, mtime) to notice edits."""
+    weight of the manifest lies, the files' (name, size, mtime) to notice edits, and the
+    config it was checked against (a client stands in for the model with it)."""
 
     path: Path
     spec: messages.ModelSpec
     spans: list[Span]
     stamp: list[tuple[str, int, int]]
+    config: Any
 
 
 def transformers_spec(
@@ -133,7 +135,7 @@ def read_folder(path: str | os.PathLike[str]) -> Folder:
         spans.append(span)
     generation = _generation(folder, config)
     spec = transformers_spec(cls.__name__, config, generation, manifest, aliases)
-    return Folder(folder, spec, spans, stamp)
+    return Folder(folder, spec, spans, stamp, config)
 
 
 def hash_folder(folder: Folder) -> str:

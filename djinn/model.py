@@ -224,9 +224,9 @@ class RemoteModel:
         import transformers
 
         spec = folder.spec
-        config = transformers.AutoConfig.from_pretrained(str(folder.path), local_files_only=True)
         generation = _generation(spec.generation_config)
-        self._stand_in(getattr(transformers, spec.cls), config, generation, True, str(folder.path))
+        cls = getattr(transformers, spec.cls)
+        self._stand_in(cls, folder.config, generation, True, str(folder.path))
         sizes = [span.nbytes for span in folder.spans]
         return self._registered(spec, lambda start: weights(folder, start), sizes)
 
