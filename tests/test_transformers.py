@@ -28,7 +28,7 @@ from transformers import (
 
 import djinn
 from djinn import RemoteModel, RemoteTensor
-from djinn.errors import DjinnTimeoutError, UsageError
+from djinn.errors import DjinnTimeoutError, RemoteUsageError, UsageError
 from djinn.tensor import RemoteCache
 from harness.server import ServerProcess
 from tests.models import FAMILIES, VOCAB, prompt
@@ -274,6 +274,44 @@ def test_unknown_arguments_name_what_is_supported(pair: tuple[Any, RemoteModel])
         remote.generate(prompt(), prefix_allowed_tokens_fn=lambda b, i: [5])
     with pytest.raises(UsageError, match="input_ids, attention_mask"):
         remote(prompt(), cache_position=torch.arange(12))
+
+
+def test_generate_continues_a_cache_whose_forward_is_still_queued(
+    pair: tuple[Any, RemoteModel],
+) -> None:
+    """Prefill with a forward, then generate from its cache: the forward is still queued
+    when generate is called, and what it made stays the client's afterwards."""
+    local, remote = pair
+    ids = prompt()
+    longer = torch.cat([ids, ids[:, :1]], -1)
+    with torch.no_grad():
+        first = local(ids)
+        expected = local.generate(longer, past_key_values=first.past_key_values, max_new_tokens=4)
+    out = remote(ids)
+    got = remote.generate(longer, past_key_values=out.past_key_values, max_new_tokens=4)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(out.logits.cpu(), first.logits)
+
+
+def test_settings_transformers_refuses_are_usage_errors(pair: tuple[Any, RemoteModel]) -> None:
+    """transformers checks some settings only as it builds its processors, on the server."""
+    _, remote = pair
+    for bad in ({"do_sample": True, "temperature": 0.0}, {"repetition_penalty": 0.0}):
+        with pytest.raises(RemoteUsageError, match="cannot generate: ValueError: `"):
+            remote.generate(prompt(), max_new_tokens=2, **bad)
+    assert remote.generate(prompt(), max_new_tokens=2).shape == (1, 14)
+
+
+def test_a_cache_generate_grows_counts_against_the_session(server: ServerProcess) -> None:
+    model = FAMILIES["gpt2"](seed=6)
+    per_token = 2 * model.config.n_layer * model.config.n_embd * 4
+    with RemoteModel(model, server.address) as remote, djinn.connect(server.address) as observer:
+        out = remote(prompt())
+        out.logits[:, -1].argmax(-1).tolist()  # run it: the cache is held
+        before = observer.server_stats()["resident_bytes"]
+        longer = torch.cat([prompt(), prompt()[:, :1]], -1)
+        remote.generate(longer, past_key_values=out.past_key_values, max_new_tokens=20)
+        assert observer.server_stats()["resident_bytes"] >= before + 16 * per_token  # of 20
 
 
 def test_local_weights_edited_after_wrapping_are_seen(server: ServerProcess) -> None:

@@ -189,7 +189,7 @@ def _is_step(prelude: messages.Prelude) -> bool:
 def _generate_job(
     job: Job, session: Session, call: Call, msg: messages.Generate
 ) -> tuple[inference.Batch, Any]:
-    batch = _prelude_job(job, session, call, msg.prelude)
+    batch = inference.Batch()
     config = call.server.config
     ctx = inference.Context(
         job,
@@ -212,12 +212,23 @@ async def generate(call: Call, msg: messages.Generate) -> messages.Generated:
     if msg.args.cache and not isinstance(msg.args.cache, int):
         raise RemoteUsageError("cannot generate: malformed cache reference")
     async with _in_session(call, msg.session, msg.prelude) as session:
-        batch, result = await _run_device(call, session, _generate_job, call, msg)
+        # the queued work first, kept whatever generate then does: its values are the
+        # client's, and the cache generate continues may be one of them
+        values: dict[int, Any] = {}
+        if msg.prelude.ops or msg.prelude.fetch:
+            prelude = await _run_device(call, session, _prelude_job, call, msg.prelude)
+            _commit(session, prelude)
+            values = prelude.values
+        try:
+            batch, result = await _run_device(call, session, _generate_job, call, msg)
+        finally:
+            if msg.args.cache and session.holds(msg.args.cache):
+                session.recount(msg.args.cache)  # grown in place, however generate ended
         _commit(session, batch)
         outputs = result.outputs
         if outputs is not None:
             outputs = messages.Described(wire_value(outputs.structure), outputs.metas)
-        return messages.Generated(wire_value(batch.values), result.tokens, outputs)
+        return messages.Generated(wire_value(values), result.tokens, outputs)
 
 
 def _wired(described: dict[int, messages.Described]) -> dict[int, messages.Described]:

@@ -60,6 +60,8 @@ def run_generate(
         model.facts.check_ids(ids)
     config = _config(model, args.config)
     cache = ctx.session.get(args.cache) if args.cache else None
+    if cache is not None and not hasattr(cache, "get_seq_length"):
+        raise RemoteUsageError(f"cannot generate: reference {args.cache} is not a KV cache")
     kwargs: dict[str, Any] = {"input_ids": ctx.device.to_device(ids), "generation_config": config}
     if args.attention_mask is not None:
         mask = ctx.resolve(args.attention_mask)
@@ -85,8 +87,15 @@ def run_generate(
     rng = _Rng(ctx.device) if config.do_sample else None
     if rng is not None:
         torch.manual_seed(args.seed if args.seed is not None else 0)
-    proxy = _proxy(ctx, model, rng)
-    out = proxy.generate(**kwargs)  # type: ignore[operator]
+    steps = _Steps()
+    proxy = _proxy(ctx, model, rng, steps)
+    try:
+        out = proxy.generate(**kwargs)  # type: ignore[operator]
+    except (ValueError, TypeError, ZeroDivisionError) as exc:
+        if steps.forwards:  # it failed running, not on its settings
+            raise
+        # transformers checks some settings only as it builds its processors
+        raise RemoteUsageError(f"cannot generate: {type(exc).__name__}: {exc}") from None
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     tokens = ctx.device.to_host(sequences[:, ids.shape[1] :])
     ctx.device.tokens["generated"] += tokens.numel()
@@ -177,13 +186,19 @@ class _Rng:
                 torch.cuda.set_rng_state(saved[1], self._cuda)
 
 
-def _proxy(ctx: Context, model: LoadedModel, rng: _Rng | None) -> torch.nn.Module:
+@dataclass
+class _Steps:
+    forwards: int = 0  # the model's forwards generate has run so far
+
+
+def _proxy(ctx: Context, model: LoadedModel, rng: _Rng | None, steps: _Steps) -> torch.nn.Module:
     """The model with a forward that batches decode steps and yields the turn between."""
     proxy = copy.copy(model.module)  # shares the weights; its own __dict__
     real = model.module.forward
 
     @functools.wraps(real)  # generate reads forward's signature to choose its kwargs
     def forward(*args: Any, **kwargs: Any) -> Any:
+        steps.forwards += 1
         ids = kwargs.get("input_ids")
         cache = kwargs.get(model.cache_arg)
         plain = not args and set(kwargs) - {model.cache_arg} <= _STEP_KWARGS
