@@ -61,7 +61,7 @@ def config_fields(fields: Mapping[str, Any], what: str) -> dict[str, Any]:
             f"cannot generate with {what} {', '.join(unknown)}: a RemoteModel takes the "
             f"GenerationConfig fields {', '.join(sorted(CONFIG_FIELDS))}"
         )
-    return {k: _plain(v) for k, v in fields.items()}
+    return {k: plain(v) for k, v in fields.items()}
 
 
 def component(obj: Any, kind: str) -> messages.Component:
@@ -82,20 +82,20 @@ def component(obj: Any, kind: str) -> messages.Component:
             continue
         stored = _STORED_AS.get((name, param.name), param.name)
         if hasattr(obj, stored):
-            kwargs[param.name] = _plain(getattr(obj, stored))
+            kwargs[param.name] = plain(getattr(obj, stored))
         elif param.default is inspect.Parameter.empty:
             raise UsageError(f"cannot send {kind} {name}: its {param.name} cannot be read back")
     return messages.Component(name, kwargs)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Tensors as lists, tuple-keyed dicts (sequence_bias) as [key, value] pairs."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, dict) and any(isinstance(k, tuple) for k in value):
         return [[list(k), v] for k, v in value.items()]
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

@@ -74,7 +74,6 @@ _LOCAL_ONLY: Final = {
     "buffers": "its buffers live on the server; use the model you wrapped",
     "state_dict": "its weights live on the server; use the model you wrapped",
     "load_state_dict": "load the weights into the local model and wrap it again",
-    "train": "a RemoteModel runs inference only",
     "requires_grad_": "a RemoteModel runs inference only",
     "zero_grad": "a RemoteModel runs inference only",
     "backward": "a RemoteModel runs inference only",
@@ -368,8 +367,16 @@ class RemoteModel:
 
         return keep
 
+    training = False  # as nn.Module says it: the server runs the model in eval mode
+
     def eval(self) -> RemoteModel:
         """A no-op: the server runs the model in eval mode already."""
+        return self
+
+    def train(self, mode: bool = True) -> RemoteModel:
+        """`train(False)` is `eval()`; training is not something a RemoteModel does."""
+        if mode:
+            raise UsageError("cannot call train() on a RemoteModel: it runs inference only")
         return self
 
     # -- the forward pass -------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from djinn import messages
 from djinn.errors import ServerError, UsageError
-from djinn.generation import check_token_ids, component, config_fields
+from djinn.generation import check_token_ids, component, config_fields, plain
 from djinn.kvcache import cache_from_layers
 from djinn.semantics import Call, Lifecycle, Phase, Side, Value, plan
 from djinn.tensor import RemoteCache, RemoteTensor, remote_tree
@@ -124,10 +124,11 @@ class GenerateCall:
         registered = self._model._registered_generation
         known = registered.to_dict() if registered is not None else {}
         wanted = self.config.to_dict()
-        fields = {
+        fields = {  # compared as plain values: an eos_token_id may come as a tensor
             k: v
             for k, v in wanted.items()
-            if k not in ("transformers_version", "_from_model_config") and known.get(k) != v
+            if k not in ("transformers_version", "_from_model_config")
+            and plain(known.get(k)) != plain(v)
         }
         return config_fields(fields, "the generation settings")
 

@@ -100,6 +100,11 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
         "eos_token_id": _greedy_tokens(local, prompt())[3:5],  # tokens it does make: it stops
         "pad_token_id": 0,
     },
+    "eos-tensor": lambda local: {
+        "max_new_tokens": 12,
+        "eos_token_id": torch.tensor(_greedy_tokens(local, prompt())[3:5]),
+        "pad_token_id": 0,
+    },
     "generation-config": lambda local: {
         "generation_config": GenerationConfig(max_new_tokens=9, repetition_penalty=1.2)
     },
@@ -233,6 +238,7 @@ def test_model_attributes_the_ecosystem_reads(pair: tuple[Any, RemoteModel]) -> 
     assert remote.dtype == torch.float32 and remote.can_generate()
     assert remote.main_input_name == "input_ids"
     assert remote.to("cuda") is remote and remote.cuda() is remote and remote.half() is remote
+    assert remote.eval() is remote and remote.train(False) is remote and not remote.training
     with pytest.raises(UsageError, match="inputs_embeds"):
         remote.get_input_embeddings()
     logits = remote(prompt()).logits
