@@ -104,7 +104,12 @@ def read_folder(path: str | os.PathLike[str]) -> Folder:
     headers: dict[str, tuple[str, list[int], Span]] = {}
     for shard in shards:
         headers.update(_header(shard))
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:  # not JSON, or a model_type unknown here
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = f"its config.json cannot be read: {line}"
+        raise UsageError(f"cannot attach {folder}: {why}") from None
     cls = _architecture(folder, config)
     with torch.device("meta"):
         module = cls(config)

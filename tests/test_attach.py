@@ -183,8 +183,25 @@ def _shards(folder: Path) -> list[Path]:
             ),
             "no shard holds",
         ),
+        (lambda f: (f / "config.json").write_text("{not json"), "config.json cannot be read"),
+        (
+            lambda f: (f / "config.json").write_text(
+                json.dumps({**json.loads((f / "config.json").read_text()), "model_type": "nosuch"})
+            ),
+            "config.json cannot be read",
+        ),
     ],
-    ids=["no-config", "missing-shard", "no-weights", "truncated", "bad-header", "shapes", "layers"],
+    ids=[
+        "no-config",
+        "missing-shard",
+        "no-weights",
+        "truncated",
+        "bad-header",
+        "shapes",
+        "layers",
+        "config-not-json",
+        "unknown-model-type",
+    ],
 )
 def test_bad_folders_are_refused_before_any_upload(
     copy: Path, damage: object, message: str

@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"djinn server: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"djinn server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+    except OSError as exc:  # the store or a --model folder, as the server reads them
+        print(f"djinn server: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -17,6 +17,7 @@ import torch
 
 import djinn
 from djinn import messages
+from djinn.errors import UsageError
 from djinn.net.frame import PROTOCOL_VERSION
 from djinn.net.protocol import new_event_loop
 from djinn.server.config import ServerConfig
@@ -77,10 +78,13 @@ class Server:
             self._listener = await loop.create_server(
                 self._accept, self.config.host, self.config.port, reuse_address=True
             )
-        except BaseException:
+        except BaseException as exc:
             if self._metrics is not None:
                 self._metrics.shutdown()
                 self._metrics.server_close()
+            if isinstance(exc, OSError):
+                where = f"{self.config.host}:{self.config.port}"
+                raise UsageError(f"cannot listen on {where}: {exc}") from None
             raise
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = (host, port)

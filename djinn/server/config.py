@@ -84,20 +84,35 @@ class ServerConfig:
             )
         if self.link_gbps is not None and (self.link_gbps <= 0 or self.link_latency_s < 0):
             raise UsageError("cannot emulate a link: --link-gbps must be > 0, latency >= 0")
-        positive = {
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise UsageError(
+                f"cannot serve metrics on port {self.metrics_port}: ports run from 0 to 65535"
+            )
+        positive = {  # in the flags' own units
             "--session-lease": self.session_lease_s,
             "--max-sessions": self.max_sessions,
+            "--max-sessions-per-connection": self.max_sessions_per_connection,
+            "--session-quota": self.session_quota_bytes / GIB,
+            "--session-memory": self.session_memory_bytes / GIB,
+            "--memory-budget": self.memory_budget_bytes / GIB,
             "--max-connections": self.max_connections,
+            "--receive-budget": self.receive_budget_bytes / GIB,
+            "--frame-timeout": self.frame_timeout_s,
             "--max-call-seconds": self.max_call_s,
+            "--max-ops-per-call": self.max_ops_per_call,
+            "--max-generate-tokens": self.max_generate_tokens,
             "--max-batch": self.max_batch,
             "--max-queued": self.max_queued,
             "--prefill-chunk": self.prefill_chunk,
+            "--threads": 1 if self.threads is None else self.threads,
         }
         for flag, value in positive.items():
             if not value > 0:
                 raise UsageError(f"cannot start: {flag} must be positive, got {value}")
         if self.batch_wait_us < 0:
             raise UsageError("cannot start: --batch-wait-us must be >= 0")
+        if self.store.exists() and not self.store.is_dir():
+            raise UsageError(f"cannot use --store {self.store}: it is a file, not a folder")
         names = [name for name, _ in self.models]
         if len(set(names)) != len(names):
             raise UsageError(f"cannot start: --model names must differ, got {names}")

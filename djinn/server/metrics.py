@@ -99,5 +99,8 @@ def serve_metrics(server: Server, host: str, port: int) -> tuple[Any, int]:
         ) from None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(server, asyncio.get_running_loop()))
-    http, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        http, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {host}:{port}: {exc}") from None
     return http, int(http.server_address[1])
