@@ -428,33 +428,41 @@ def test_every_reference_is_charged_its_bookkeeping(tight: ServerProcess, rm: Re
 # -- 7. store integrity ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "kind"])
 def test_a_damaged_store_entry_is_quarantined_and_uploaded_again(
     tmp_path: Path, damage: str
 ) -> None:
+    """Opening a damaged entry by fingerprint is a typed error; registering the model
+    uploads it again at once. A djinn.json naming a kind djinn does not load is damage
+    too (it must not reach the pickle loader's branch)."""
     store = tmp_path / "store"
     args = ("--store", str(store), "--device", "cpu")
     model = tiny_gpt2(seed=31)
     ids = prompt()
     with ServerProcess(*args) as proc, RemoteModel(model, proc.address) as rm:
         expected = rm.generate(ids, max_new_tokens=6)
-    [shard] = (store / rm.fingerprint).glob("model-*.safetensors")
+    entry = store / rm.fingerprint
+    [shard] = entry.glob("model-*.safetensors")
     data = bytearray(shard.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x10
-    else:
+    elif damage == "truncate":
         del data[len(data) // 2 :]
+    else:
+        meta = json.loads((entry / "djinn.json").read_text())
+        (entry / "djinn.json").write_text(json.dumps({**meta, "kind": "other"}))
     shard.write_bytes(bytes(data))
     with ServerProcess(*args) as proc:
-        with (
-            djinn.connect(proc.address) as client,
-            pytest.raises(StoreCorruptError, match="register the model again"),
-        ):
-            client.request(messages.OpenSession(rm.fingerprint), messages.SessionOpened)
-        assert any(p.name.startswith(".quarantine-") for p in store.iterdir())
+        if damage == "flip":
+            with (
+                djinn.connect(proc.address) as client,
+                pytest.raises(StoreCorruptError, match="register the model again"),
+            ):
+                client.request(messages.OpenSession(rm.fingerprint), messages.SessionOpened)
         with RemoteModel(model, proc.address) as again:
             assert again.uploaded_bytes > 0
             assert torch.equal(again.generate(ids, max_new_tokens=6), expected)
+        assert any(p.name.startswith(".quarantine-") for p in store.iterdir())
 
 
 def test_user_errors_are_logged_one_line_each_and_rate_limited(
