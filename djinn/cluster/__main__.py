@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            if server_argv:
-                from djinn.server.__main__ import parser
+            if args.servers < 1:
+                raise DjinnError(f"cannot start {args.servers} servers: --servers must be >= 1")
+            from djinn.server.__main__ import config_from, parser
 
-                parser().parse_args(server_argv)  # bad server options fail here, not in actors
+            # bad server options fail here, before Ray starts, not in the actors
+            config_from(parser().parse_args(server_argv)).check()
             address = args.address
             if not address:
                 try:
@@ -144,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                     print("stopped the local Ray that `up` started")
     except DjinnError as exc:
         print(f"djinn cluster: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:  # Ray's, when no cluster answers at the address
+        if args.command == "down":
+            print("no Ray cluster is running: nothing to stop")
+            return 0
+        where = args.address or "auto"
+        print(f"djinn cluster: cannot reach a Ray cluster ({where}): {exc}", file=sys.stderr)
         return 2
     return 0
 
