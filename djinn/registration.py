@@ -187,7 +187,7 @@ def register(
     )
     seconds = time.perf_counter() - began
     log.info(
-        "model %s: uploaded %.1f MB in %.1f s (%.0f MB/s)",
+        "model %s: uploaded %.1f MB in %.1f s (%.1f MB/s)",
         model,
         uploaded / 1e6,
         seconds,

@@ -9,6 +9,9 @@ Without --address, `up` starts a Ray head on this machine (as `ray start --head`
 would) unless one runs already. Across machines: `ray start --head` on one,
 `ray start --address HEAD:6379` on the others, then `up --address HEAD:6379
 --gpus --servers N -- --host 0.0.0.0 --token SECRET`.
+
+Each server keeps its weights in a store of its own: server i uses the folder
+server-i under the --store given (default: ~/.cache/djinn/store/server-i).
 """
 
 from __future__ import annotations

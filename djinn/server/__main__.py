@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
         help="GiB of large receive buffers in use at once",
     )
     net.add_argument(
-        "--link-gbps", type=float, help="emulate a network: pace replies to this many Gb/s"
+        "--link-gbps",
+        type=float,
+        help="emulate a network: pace replies to this many Gb/s (default: off)",
     )
     net.add_argument(
         "--link-latency-ms", type=float, default=0.0, help="one-way latency of the emulated link"
@@ -58,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--metrics-port",
         type=int,
-        help="serve Prometheus metrics on this port (needs prometheus_client)",
+        help="serve Prometheus metrics on this port (needs prometheus_client; default: off)",
     )
 
     dev = p.add_argument_group("device and models")
@@ -143,7 +145,12 @@ def parser() -> argparse.ArgumentParser:
         help="run decode steps under torch.compile, kept only where a warm-up at model load "
         "gives eager's greedy tokens; auto compiles on CUDA only, where it is faster",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="what the server log shows",
+    )
     return p
 
 

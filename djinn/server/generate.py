@@ -200,6 +200,9 @@ def _proxy(ctx: Context, model: LoadedModel, rng: _Rng | None, steps: _Steps) ->
     def forward(*args: Any, **kwargs: Any) -> Any:
         steps.forwards += 1
         ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:  # counted as a user's forward is
+            rows, new = ids.shape
+            ctx.device.tokens["decode" if new == 1 else "prefill"] += rows * new
         cache = kwargs.get(model.cache_arg)
         plain = not args and set(kwargs) - {model.cache_arg} <= _STEP_KWARGS
         guard = rng.aside() if rng is not None else contextlib.nullcontext()

@@ -367,8 +367,8 @@ class ModelStore:
                     upload.staging.rename(self._path(fingerprint))
             finally:
                 shutil.rmtree(upload.staging, ignore_errors=True)
+        log.info("model %s: uploaded and stored", fingerprint[:12])
         await self.load(fingerprint, hashed=True)
-        log.info("model %s stored and loaded", fingerprint[:12])
         return messages.Registered("ready", fingerprint)
 
     def abandon(self, owner: object) -> None:
@@ -442,8 +442,21 @@ class ModelStore:
             raise
         finally:
             del self._loading[fingerprint]
-        log.info("model %s loaded (%d bytes)", fingerprint[:12], model.nbytes)
+        log.info(
+            "model %s loaded from %s (%d bytes)",
+            fingerprint[:12],
+            self._source(fingerprint),
+            model.nbytes,
+        )
         return model
+
+    def _source(self, fingerprint: str) -> str:
+        """Where a model is read from, as an operator named it."""
+        folder = self._named.get(fingerprint)
+        if folder is None:
+            return "the store"
+        names = [name for name, fp in self.names.items() if fp == fingerprint]
+        return f"--model {names[0]}={folder.path}" if names else str(folder.path)
 
     def _inspect(self, fingerprint: str, hashed: bool = False) -> tuple[dict[str, Any], int]:
         """The stored spec, checked file by file, and the bytes the model will take,

@@ -28,6 +28,9 @@ def test_metrics_scrape_over_loopback(tmp_path: Path) -> None:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     text = body.decode()
     assert 'djinn_tokens_total{kind="generated"} 5.0' in text
+    # generate's own forwards: the 12-token prompt, then 4 steps of one token
+    assert 'djinn_tokens_total{kind="prefill"} 12.0' in text
+    assert 'djinn_tokens_total{kind="decode"} 4.0' in text
     assert 'djinn_calls_total{type="Generate"} 1.0' in text
     assert "djinn_wire_bytes_total" in text and "djinn_model_resident_bytes" in text
     assert "djinn_sessions 0.0" in text
