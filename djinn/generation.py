@@ -89,7 +89,8 @@ def component(obj: Any, kind: str) -> messages.Component:
 
 
 def plain(value: Any) -> Any:
-    """Tensors as lists, tuple-keyed dicts (sequence_bias) as [key, value] pairs."""
+    """A value as it travels, and so as settings are compared: tensors as lists,
+    tuple-keyed dicts (sequence_bias) as [key, value] pairs."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, dict) and any(isinstance(k, tuple) for k in value):

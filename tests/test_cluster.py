@@ -103,18 +103,3 @@ def test_status_lists_servers_models_and_load(
     assert main(["status"]) == 0
     shown = capsys.readouterr().out
     assert all(address in shown for address in cluster) and "tokens/s" in shown
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["up", "--servers", "0"], "--servers must be >= 1"),
-        (["up", "--", "--max-batch", "-1"], "--max-batch must be positive"),
-        (["up", "--", "--host", "0.0.0.0"], "no token is set"),
-    ],
-)
-def test_up_refuses_bad_options_before_ray_starts(
-    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
-) -> None:
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err

@@ -11,7 +11,8 @@ would) unless one runs already. Across machines: `ray start --head` on one,
 --gpus --servers N -- --host 0.0.0.0 --token SECRET`.
 
 Each server keeps its weights in a store of its own: server i uses the folder
-server-i under the --store given (default: ~/.cache/djinn/store/server-i).
+server-i under the --store given (default: $DJINN_STORE, else
+~/.cache/djinn/store).
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"djinn cluster: {exc}", file=sys.stderr)
         return 2
     except ConnectionError as exc:  # Ray's, when no cluster answers at the address
-        if args.command == "down":
-            print("no Ray cluster is running: nothing to stop")
+        if args.command == "down" and args.address in ("", "auto"):
+            print("no Ray cluster is running here: nothing to stop")
             return 0
         where = args.address or "auto"
         print(f"djinn cluster: cannot reach a Ray cluster ({where}): {exc}", file=sys.stderr)

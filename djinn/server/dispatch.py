@@ -10,6 +10,7 @@ release the client's dropped references last.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -219,10 +220,14 @@ async def generate(call: Call, msg: messages.Generate) -> messages.Generated:
             prelude = await _run_device(call, session, _prelude_job, call, msg.prelude)
             _commit(session, prelude)
             values = prelude.values
+        cancelled = False
         try:
             batch, result = await _run_device(call, session, _generate_job, call, msg)
+        except asyncio.CancelledError:  # its connection is gone, and the session with it;
+            cancelled = True  # the job may still be growing the cache on its thread
+            raise
         finally:
-            if msg.args.cache and session.holds(msg.args.cache):
+            if not cancelled and msg.args.cache and session.holds(msg.args.cache):
                 session.recount(msg.args.cache)  # grown in place, however generate ended
         _commit(session, batch)
         outputs = result.outputs

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -91,8 +93,8 @@ def run_generate(
     proxy = _proxy(ctx, model, rng, steps)
     try:
         out = proxy.generate(**kwargs)  # type: ignore[operator]
-    except (ValueError, TypeError, ZeroDivisionError) as exc:
-        if steps.forwards:  # it failed running, not on its settings
+    except (ValueError, ZeroDivisionError) as exc:  # num_beams=0 divides by zero
+        if steps.forwards or not _from_generation(exc):  # it failed running, or in our code
             raise
         # transformers checks some settings only as it builds its processors
         raise RemoteUsageError(f"cannot generate: {type(exc).__name__}: {exc}") from None
@@ -186,6 +188,12 @@ class _Rng:
                 torch.cuda.set_rng_state(saved[1], self._cuda)
 
 
+def _from_generation(exc: BaseException) -> bool:
+    """Raised in transformers' generation code itself (where it checks settings)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"transformers{os.sep}generation{os.sep}" in frames[-1].filename
+
+
 @dataclass
 class _Steps:
     forwards: int = 0  # the model's forwards generate has run so far
@@ -200,9 +208,15 @@ def _proxy(ctx: Context, model: LoadedModel, rng: _Rng | None, steps: _Steps) ->
     def forward(*args: Any, **kwargs: Any) -> Any:
         steps.forwards += 1
         ids = kwargs.get("input_ids")
+        out = run(*args, **kwargs)
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:  # counted as a user's forward is
-            rows, new = ids.shape
+            rows, new = ids.shape  # rows: the batch times its beams
             ctx.device.tokens["decode" if new == 1 else "prefill"] += rows * new
+        return out
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        """A decode step through the batcher; anything else as it is, after a pause."""
+        ids = kwargs.get("input_ids")
         cache = kwargs.get(model.cache_arg)
         plain = not args and set(kwargs) - {model.cache_arg} <= _STEP_KWARGS
         guard = rng.aside() if rng is not None else contextlib.nullcontext()

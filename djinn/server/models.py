@@ -14,8 +14,9 @@ loaded; one that cannot fit in --memory-budget (or the device's free memory)
 is refused with both sizes.
 
 Integrity: every file of a stored model has its SHA-256 recorded at write
-time and checked at load. A corrupt entry is moved aside (quarantined) and
-reported as StoreCorruptError; registering the model again re-uploads it.
+time and checked at load. A corrupt entry is moved aside (quarantined): opening
+it by fingerprint is a StoreCorruptError, and a register uploads it again at
+once (the client holds good bytes).
 
 Code: a transformers model is rebuilt from its config by the class the spec
 names, so no client code runs. A pickled module loads only on a server
@@ -289,7 +290,9 @@ class ModelStore:
             try:
                 await self.load(fingerprint)
                 return messages.Registered("ready", fingerprint)
-            except StoreCorruptError:  # set aside (logged): the client holds good bytes
+            except StoreCorruptError:  # logged; the client holds good bytes
+                if self._path(fingerprint).exists():  # not set aside: never write over it
+                    raise
                 log.info("model %s: uploading it again", fingerprint[:12])
         self.check_fits(manifest_bytes(spec.manifest, self._dtype), f"model {fingerprint[:12]}")
         upload = self._uploads.get(fingerprint)
@@ -473,7 +476,7 @@ class ModelStore:
         path = self._path(fingerprint)
         try:
             meta = json.loads((path / "djinn.json").read_text())
-            if meta["kind"] not in ("transformers", "pickle"):  # the pickle branch's trust check
+            if meta["kind"] not in ("transformers", "pickle"):  # damage, never code to trust
                 raise ValueError(f"djinn.json names no kind of model djinn loads: {meta['kind']!r}")
             files = {} if hashed else meta["files"]
             for name, digest in files.items():
@@ -501,8 +504,17 @@ class ModelStore:
     def _quarantine(self, fingerprint: str, why: str) -> None:
         path = self._path(fingerprint)
         target = self._root / f".quarantine-{fingerprint}-{int(time.time())}"
-        with contextlib.suppress(OSError):
+        self._stored.pop(fingerprint, None)
+        try:
             path.rename(target)
+        except OSError as exc:
+            log.error(
+                "model %s: stored copy is damaged (%s); cannot move it aside: %s",
+                fingerprint[:12],
+                why,
+                exc,
+            )
+            return
         log.error(
             "model %s: stored copy is damaged (%s); moved to %s", fingerprint[:12], why, target
         )
@@ -513,8 +525,10 @@ class ModelStore:
         try:
             if meta["kind"] == "transformers":
                 module = _load_transformers(path, meta, self._dtype)
-            else:
+            elif meta["kind"] == "pickle":  # trusted: _inspect checked
                 module = _load_pickled(path, self._dtype)
+            else:
+                raise ValueError(f"djinn.json names no kind of model djinn loads: {meta['kind']!r}")
         except (OSError, ValueError, KeyError) as exc:  # damaged since it was hashed
             if named is not None:  # the operator's folder: named and refused, never moved
                 del self._named[fingerprint]
@@ -607,7 +621,10 @@ class ModelStore:
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             meta = json.loads(meta_file.read_text())
             entries = [messages.TensorEntry(n, d, sh) for n, d, sh in meta["manifest"]]
-            return messages.ModelSpec(meta["kind"], meta["cls"], meta_file.parent.name, entries)
+            if meta["kind"] in ("transformers", "pickle") and all(
+                e.dtype in TORCH_DTYPES for e in entries
+            ):
+                return messages.ModelSpec(meta["kind"], meta["cls"], meta_file.parent.name, entries)
         return None
 
     def card(self, model: LoadedModel) -> messages.ModelCard:

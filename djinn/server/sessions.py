@@ -209,8 +209,8 @@ class SessionRegistry:
         session = Session(owner, model, config.session_quota_bytes, self)
         self._sessions[session.id] = session
         owner.sessions[session.id] = session
-        model_name = model.fingerprint[:12] if model is not None else "none"
-        log.info("session %s opened by %s (model %s)", session.id[:8], owner.peer, model_name)
+        model_id = model.fingerprint[:12] if model is not None else "none"
+        log.info("session %s opened by %s (model %s)", session.id[:8], owner.peer, model_id)
         return session
 
     def find(self, owner: Any, session_id: str) -> Session:
