@@ -242,6 +242,10 @@ class Device:
         finally:
             self.turn.acquire()
 
+    def count(self, rows: int, new: int) -> None:
+        """A forward's tokens: one new token per row is a decode step, more a prefill."""
+        self.tokens["decode" if new == 1 else "prefill"] += rows * new
+
     def pause(self, job: Job) -> None:
         """Between steps: stop if the job must, and let a waiting job go first once
         this one has had its slice."""

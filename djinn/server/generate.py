@@ -209,9 +209,8 @@ def _proxy(ctx: Context, model: LoadedModel, rng: _Rng | None, steps: _Steps) ->
         steps.forwards += 1
         ids = kwargs.get("input_ids")
         out = run(*args, **kwargs)
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2:  # counted as a user's forward is
-            rows, new = ids.shape  # rows: the batch times its beams
-            ctx.device.tokens["decode" if new == 1 else "prefill"] += rows * new
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:  # rows: the batch times its beams
+            ctx.device.count(*ids.shape)
         return out
 
     def run(*args: Any, **kwargs: Any) -> Any:

@@ -370,7 +370,7 @@ def _run_forward(ctx: Context, index: int, op: ForwardOp) -> None:
     plain = op.labels is None and not op.output_hidden_states and not op.output_attentions
     out = _call_model(ctx, model, kwargs, cache, plain)
     _keep_outputs(ctx, index, op, model, out, rows, new, cached)
-    ctx.device.tokens["decode" if new == 1 else "prefill"] += rows * new
+    ctx.device.count(rows, new)
 
 
 def _cache_in(ctx: Context, value: Any, model: LoadedModel) -> Any:

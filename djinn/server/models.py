@@ -80,6 +80,8 @@ log = logging.getLogger("djinn.server")
 CHUNK_BYTES: Final = 128 * 1024 * 1024
 # Uploads whose connection dropped, kept for a later registration to resume.
 ORPHANS_KEPT: Final = 8
+# What a stored djinn.json may name (messages.ModelSpec.kind); anything else is damage.
+_KINDS: Final = ("transformers", "pickle")
 
 
 @dataclass
@@ -476,7 +478,7 @@ class ModelStore:
         path = self._path(fingerprint)
         try:
             meta = json.loads((path / "djinn.json").read_text())
-            if meta["kind"] not in ("transformers", "pickle"):  # damage, never code to trust
+            if meta["kind"] not in _KINDS:  # damage, never code to trust
                 raise ValueError(f"djinn.json names no kind of model djinn loads: {meta['kind']!r}")
             files = {} if hashed else meta["files"]
             for name, digest in files.items():
@@ -497,8 +499,7 @@ class ModelStore:
         if meta["kind"] == "transformers":
             size = _meta_size(path, meta, self._dtype)
         else:
-            entries = [messages.TensorEntry(n, d, s) for n, d, s in meta["manifest"]]
-            size = manifest_bytes(entries, self._dtype)
+            size = manifest_bytes(_manifest(meta), self._dtype)
         return meta, size
 
     def _quarantine(self, fingerprint: str, why: str) -> None:
@@ -525,10 +526,8 @@ class ModelStore:
         try:
             if meta["kind"] == "transformers":
                 module = _load_transformers(path, meta, self._dtype)
-            elif meta["kind"] == "pickle":  # trusted: _inspect checked
+            else:  # "pickle": _inspect refused any other kind, and code not trusted
                 module = _load_pickled(path, self._dtype)
-            else:
-                raise ValueError(f"djinn.json names no kind of model djinn loads: {meta['kind']!r}")
         except (OSError, ValueError, KeyError) as exc:  # damaged since it was hashed
             if named is not None:  # the operator's folder: named and refused, never moved
                 del self._named[fingerprint]
@@ -620,10 +619,8 @@ class ModelStore:
         named by the content's fingerprint), and a quarantined entry leaves the glob."""
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             meta = json.loads(meta_file.read_text())
-            entries = [messages.TensorEntry(n, d, sh) for n, d, sh in meta["manifest"]]
-            if meta["kind"] in ("transformers", "pickle") and all(
-                e.dtype in TORCH_DTYPES for e in entries
-            ):
+            entries = _manifest(meta)
+            if meta["kind"] in _KINDS and all(e.dtype in TORCH_DTYPES for e in entries):
                 return messages.ModelSpec(meta["kind"], meta["cls"], meta_file.parent.name, entries)
         return None
 
@@ -661,6 +658,10 @@ def _transformers_class(name: str) -> Any:
             f"in transformers {transformers.__version__}"
         )
     return cls
+
+
+def _manifest(meta: Mapping[str, Any]) -> list[messages.TensorEntry]:
+    return [messages.TensorEntry(n, d, shape) for n, d, shape in meta["manifest"]]
 
 
 def _meta_size(path: Path, meta: Mapping[str, Any], dtype: torch.dtype | None) -> int:
