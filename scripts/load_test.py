@@ -5,7 +5,9 @@ Each client is its own process with its own connection and session. It
 drives a greedy decode loop of `--tokens` steps on a tiny GPT-2 (full
 policy), reading every token as a streaming client does, from its own
 prompt; its tokens must equal local unbatched greedy decoding of that
-prompt. The server batches the decode steps that wait at the same time.
+prompt. With --generate, each client instead calls the server's `generate`
+and reads each token as it streams back, so the client spends almost no CPU
+per token. The server batches the decode steps that wait at the same time.
 
 Reported per level: the server's throughput, p50/p99 latency of one token
 as a client sees it, the mean rows per batched forward, and whether every
@@ -15,7 +17,7 @@ token matched. In the same run, for comparison:
 - the local ceiling: `model.generate` over one batch of 32 prompts in this
   process, the most that batching on this machine could reach.
 
-    python scripts/load_test.py [--clients 1,4,16,32,64] [--tokens 32] [--repeats 3]
+    python scripts/load_test.py [--clients 1,4,16,32,64] [--tokens 32] [--repeats 3] [--generate]
     python scripts/load_test.py --cluster 2 [--clients 1,8]
 
 With --cluster N the same levels run against 1, then N, server actors of a local
@@ -74,21 +76,35 @@ def greedy(model: Any, ids: torch.Tensor, tokens: int) -> list[int]:
 
 
 def client(
-    address: str, ids: torch.Tensor, tokens: int, ready: Any, start: Any, results: Any
+    address: str,
+    ids: torch.Tensor,
+    tokens: int,
+    generate: bool,
+    ready: Any,
+    start: Any,
+    results: Any,
 ) -> None:
     torch.set_num_threads(1)
     try:
         with djinn.RemoteModel(tiny_model(), address) as rm:
             ready.put(os.getpid())
             start.wait()
-            out = rm(ids)
             got, latencies = [], []
-            for _ in range(tokens):
+            if generate:  # the server's generate, each token streamed back as it is made
                 began = time.perf_counter()
-                step = out.logits[:, -1].argmax(-1, keepdim=True)
-                got.append(int(step.item()))  # read each token, as a streaming client does
-                out = rm(step, past_key_values=out.past_key_values)
-                latencies.append(time.perf_counter() - began)
+                settings = {"max_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
+                for step in rm.stream(ids, **settings):
+                    got.append(int(step[0, 0]))
+                    latencies.append(time.perf_counter() - began)
+                    began = time.perf_counter()
+            else:
+                out = rm(ids)
+                for _ in range(tokens):
+                    began = time.perf_counter()
+                    step = out.logits[:, -1].argmax(-1, keepdim=True)
+                    got.append(int(step.item()))  # read each token, as a streaming client does
+                    out = rm(step, past_key_values=out.past_key_values)
+                    latencies.append(time.perf_counter() - began)
         results.put((got, latencies))
     except BaseException as exc:
         results.put(exc)
@@ -106,12 +122,15 @@ def level(
     expected: list[list[int]],
     tokens: int,
     timeout: float,
+    generate: bool = False,
 ) -> dict[str, Any]:
     context = multiprocessing.get_context("fork")
     ready, start, results = context.Queue(), context.Event(), context.Queue()
     procs = [
         context.Process(  # daemons: a failing run must not leave them waiting forever
-            target=client, args=(address, prompts[i], tokens, ready, start, results), daemon=True
+            target=client,
+            args=(address, prompts[i], tokens, generate, ready, start, results),
+            daemon=True,
         )
         for i in range(n)
     ]
@@ -287,6 +306,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per level at most")
     parser.add_argument("--batch-wait-us", type=int, help="passed to the server (default: its own)")
     parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="clients call the server's generate and read each token as it streams back, "
+        "instead of driving the decode loop step by step",
+    )
+    parser.add_argument(
         "--no-baselines", action="store_true", help="skip the serial and local runs"
     )
     parser.add_argument(
@@ -316,9 +341,13 @@ def main() -> None:
         off = serve(stack, ["--batching", "off"], model) if not args.no_baselines else ""
         for round_ in range(args.repeats):
             for n in levels:
-                rows[n].append(level(on, n, prompts, expected, args.tokens, args.timeout))
+                rows[n].append(
+                    level(on, n, prompts, expected, args.tokens, args.timeout, args.generate)
+                )
             if off:
-                serial.append(level(off, 1, prompts, expected, args.tokens, args.timeout))
+                serial.append(
+                    level(off, 1, prompts, expected, args.tokens, args.timeout, args.generate)
+                )
             print(f"  round {round_ + 1} of {args.repeats} done", file=sys.stderr)
     torch.set_num_threads(os.cpu_count() or 1)
     local = 0.0 if args.no_baselines else ceiling(model, prompts, args.tokens)
@@ -326,7 +355,8 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     print(
         f"tiny GPT-2 (2 layers, 128 wide), {PROMPT}-token prompts, {args.tokens} tokens "
-        f"per client, full policy; {args.repeats} rounds, each level once per round"
+        f"per client, full policy; {args.repeats} rounds, each level once per round; "
+        + ("the server's generate, streamed" if args.generate else "a client-driven loop")
     )
     print(f"{'clients':>8}  {'tokens/s: median [IQR]':<30}{'p99 ms':>9} {'batch':>6}  match")
     flagged = 0
