@@ -120,13 +120,15 @@ class Described(Message):
 
 class TensorOp(Message, tag="op"):
     """`name(*args, **kwargs)` from djinn.ops; results stay under the `out` ids.
-    `describe`: the client could not infer the results, the server says what they are."""
+    `describe`: the client could not infer the results, the server says what they are.
+    `seed`: for a random operation, the seed of the generator it draws from."""
 
     name: Annotated[str, msgspec.Meta(max_length=64)]
     args: Any
     kwargs: dict[str, Any]
     out: list[int]
     describe: bool = False
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.args, (tuple, OutgoingTuple)):

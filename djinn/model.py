@@ -425,7 +425,7 @@ class RemoteModel:
     def _input(self, value: Any, name: str) -> torch.Tensor | RemoteTensor:
         if isinstance(value, RemoteTensor):
             value._check_session(self._session, name)
-            return value
+            return value.cpu() if value._changed_here() else value
         if isinstance(value, torch.Tensor):
             return value.detach().cpu()
         if isinstance(value, (list, tuple)):
@@ -617,7 +617,7 @@ class RemoteModel:
         def to_wire(value: Any) -> Any:
             if isinstance(value, RemoteTensor):
                 value._check_session(session, "an argument")
-                return value.ref
+                return value.wired()
             return value
 
         wire_args, wire_kwargs = map_tree((args, kwargs), to_wire)

@@ -63,6 +63,9 @@ def _table() -> dict[str, Callable[..., Any]]:
 OPS: Final = _table()
 _NAMES: Final = {fn: name for name, fn in OPS.items()} | {torch.Tensor.to: "Tensor.to"}
 TENSOR_METHODS: Final = frozenset(_METHODS)
+# Operations that draw random numbers: the client sends a seed drawn from the caller's
+# RNG (or generator=), and the server draws from a generator seeded with it.
+RANDOM: Final = frozenset({"torch.multinomial"})
 
 
 def name_of(fn: Callable[..., Any]) -> str | None:

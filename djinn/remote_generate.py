@@ -240,7 +240,7 @@ class _NoOutputs:
 
 
 def _wire(value: torch.Tensor | RemoteTensor) -> Any:
-    return value.ref if isinstance(value, RemoteTensor) else value
+    return value.wired() if isinstance(value, RemoteTensor) else value
 
 
 def _prompt(ids: torch.Tensor | RemoteTensor) -> torch.Tensor:

@@ -9,11 +9,17 @@ records each value's placement. Reading a RemoteTensor (`.cpu()`,
 with the small values of the same line the caller still holds. Once a
 value has crossed, operations on it run locally. A handle that is
 garbage-collected releases its server value with the session's next call.
+
+The server's values never change. An in-place operation makes a new value
+and gives it to the handle, so every name bound to the handle sees the
+change, as in torch; a view's change cannot reach the value it views, which
+refuses use from then on rather than show what torch would not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -63,7 +69,19 @@ class _Handle:
 class RemoteTensor(_Handle):
     """A tensor that lives on the server. Shape and dtype are known here; values cross when read."""
 
-    __slots__ = ("_name", "_tail", "_value", "dtype", "shape")
+    __slots__ = (
+        "_base",
+        "_edited",
+        "_name",
+        "_seen",
+        "_stale",
+        "_tail",
+        "_value",
+        "_version",
+        "_writes",
+        "dtype",
+        "shape",
+    )
     __hash__ = object.__hash__  # == builds a tensor, as it does for torch.Tensor
 
     def __init__(
@@ -79,10 +97,63 @@ class RemoteTensor(_Handle):
         self.dtype = dtype
         self._name = name
         self._value: torch.Tensor | None = None  # known once fetched
+        self._version = 0  # the fetched value's version counter when it arrived
+        self._edited = False  # the fetched value was changed here through this handle
         self._tail: torch.Tensor | None = None  # its last position along dim 1, when known
+        # Views: server values share no storage, so a view records the value it views
+        # (its root, weakly: a root nobody holds cannot be seen) and that root's in-place
+        # changes when it was made (see _in_place).
+        self._base: weakref.ref[RemoteTensor] | None = None
+        self._seen = 0
+        self._writes = 0  # in-place changes of this value, as a root
+        self._stale: str | None = None  # why the value is out of date, once it is
 
     def _arrived(self, value: torch.Tensor) -> None:
         self._value = value
+        self._version = _version_of(value)
+
+    def _root(self) -> RemoteTensor | None:
+        return self._base() if self._base is not None else None
+
+    def _current(self) -> None:
+        """Raise where torch would show an in-place change that djinn cannot."""
+        why = self._stale
+        root = self._root()
+        if why is None and root is not None and (root._stale or self._seen != root._writes):
+            why = "the tensor it views was changed in place since"
+        if why is not None:
+            raise UsageError(
+                f"cannot use this RemoteTensor ({self._name}): {why}. Server values do not "
+                "share storage as torch's views do, so the change would not show here; change "
+                "views out of place (v = v * 2), or read the tensor with .cpu() first"
+            )
+
+    def _changed_here(self) -> bool:
+        """Whether the caller changed the fetched values in place since they arrived."""
+        return self._value is not None and (
+            self._edited or _version_of(self._value) != self._version
+        )
+
+    def _wrote(self, how: str) -> None:
+        """After an in-place change: views made before it, and the value this one views,
+        are out of date."""
+        self._writes += 1
+        root = self._root()
+        if root is not None:
+            root._stale = f"it was changed in place through a view ({how})"
+
+    @property
+    def ref(self) -> Ref:
+        self._current()
+        return self._ref
+
+    def wired(self) -> Ref | torch.Tensor:
+        """What crosses for this tensor: its reference, or the fetched values once the
+        caller has changed them in place (the server's are out of date then)."""
+        if self._changed_here():
+            assert self._value is not None
+            return self._value
+        return self.ref
 
     # -- what is known without a round trip ---------------------------------------
 
@@ -128,8 +199,10 @@ class RemoteTensor(_Handle):
     def cpu(self) -> torch.Tensor:
         """The values: one round trip moving `nbytes` (and running queued work), unless
         they came back already."""
+        self._current()
         if self._value is None:
-            self._value = self._session.read(self._ref, self, self._name)
+            self._arrived(self._session.read(self._ref, self, self._name))
+        assert self._value is not None
         return self._value
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
@@ -214,6 +287,8 @@ class RemoteTensor(_Handle):
         if name in ops.TENSOR_METHODS:
             method = getattr(torch.Tensor, name)
             return lambda *args, **kwargs: apply(method, (self, *args), kwargs)
+        if name[:-1] in ops.TENSOR_METHODS and name.endswith("_") and hasattr(torch.Tensor, name):
+            return lambda *args, **kwargs: self._in_place(name[:-1], name, args, kwargs)
         raise AttributeError(
             f"RemoteTensor has no attribute {name!r}: it runs the tensor operations in "
             "djinn.ops on the server; read it with .cpu() for anything else"
@@ -222,6 +297,58 @@ class RemoteTensor(_Handle):
     @property
     def T(self) -> Any:  # torch's name
         return apply(torch.Tensor.t, (self,), {})
+
+    def _in_place(
+        self, name: str, in_place: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> RemoteTensor:
+        """`self.<in_place>(*args)`, as torch runs it. Fetched values change here, as
+        local tensors do. Otherwise `name`'s result, cast as torch casts it, becomes this
+        handle's value, so every name bound to the handle sees it; the tensor a view
+        views cannot, so it refuses use from then on (see _current)."""
+        self._current()
+        if self._value is not None:
+            local = getattr(self._value, in_place)
+            local(*map_tree(args, _local_value), **map_tree(kwargs, _local_value))
+            self._edited = True
+        else:
+            result = apply(getattr(torch.Tensor, name), (self, *args), kwargs)
+            if not isinstance(result, RemoteTensor) or result.shape != self.shape:
+                raise UsageError(
+                    f"cannot run {in_place} on a RemoteTensor of shape {list(self.shape)}: "
+                    f"it would make shape {list(getattr(result, 'shape', []))}, and djinn "
+                    f"changes no shape in place; write x = x.{name}(...)"
+                    if in_place.endswith("_")
+                    else f"output with shape {list(self.shape)} doesn't match the broadcast "
+                    f"shape {list(getattr(result, 'shape', []))}"
+                )
+            if result.dtype != self.dtype:
+                if not torch.can_cast(result.dtype, self.dtype):
+                    raise RuntimeError(
+                        f"result type {result.dtype} can't be cast to the desired output "
+                        f"type {self.dtype}"
+                    )
+                result = apply(torch.Tensor.to, (result, self.dtype), {})
+            # the handles trade references: the old value goes with `result`'s handle
+            self._ref, result._ref = result._ref, self._ref
+            self._value, self._tail, self._version = result._value, result._tail, result._version
+            self._session.track(self._ref, self, "", self._name)
+            self._edited = False
+        self._wrote(in_place)
+        self._base, self._seen = None, 0  # a value of its own from now on
+        return self
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._value is None:
+            raise UsageError(
+                "cannot assign into a RemoteTensor before reading it: the server's values "
+                "change only through operations that make new tensors; build the new tensor "
+                "(torch.where, masked_fill), or read it with .cpu() and assign into that"
+            )
+        self._current()
+        self._value[key] = _local_value(value)
+        self._edited = True
+        self._wrote("__setitem__")
+        self._base, self._seen = None, 0
 
 
 def _operator(name: str) -> Callable[..., Any]:
@@ -234,9 +361,39 @@ def _operator(name: str) -> Callable[..., Any]:
     return run
 
 
+def _in_place_operator(name: str) -> Callable[..., Any]:
+    def run(self: RemoteTensor, other: Any) -> Any:
+        return self._in_place(name, f"__i{name[2:]}", (other,), {})
+
+    run.__name__ = f"__i{name[2:]}"
+    return run
+
+
 for _name in sorted(ops.TENSOR_METHODS):
     if _name.startswith("__"):
         setattr(RemoteTensor, _name, _operator(_name))
+        if hasattr(torch.Tensor, f"__i{_name[2:]}"):  # x += y, x /= y, ...
+            setattr(RemoteTensor, f"__i{_name[2:]}", _in_place_operator(_name))
+
+
+# Results torch may return as their input itself (to its own dtype, contiguous when it is):
+# a change through one would show in the input.
+_MAY_ALIAS: Final = frozenset(
+    f"Tensor.{name}"
+    for name in "bfloat16 bool contiguous detach double float half int long to type_as".split()
+)
+
+
+def _alias(name: str, meta: torch.Tensor, viewed: RemoteTensor) -> bool:
+    return name in _MAY_ALIAS and meta.dtype == viewed.dtype and meta.shape == viewed.shape
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    """torch's count of in-place changes; inference tensors keep none (read as 0)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return 0
 
 
 def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -254,37 +411,51 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             "on the server (djinn.ops); read the tensor with .cpu() first"
         )
     scan = _Scan()
+    remote_kwargs, generator = kwargs, None
+    if name in ops.RANDOM:  # the server's generator is seeded from this one
+        generator = kwargs.get("generator")
+        remote_kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
     wire_args = scan.wire(args)
-    wire_kwargs = scan.wire(kwargs)
+    wire_kwargs = scan.wire(remote_kwargs)
     session = scan.session(label)
     if scan.known:
         known = _known_locally(name, args, scan.remote)
         if known is not None:
             return func(*known, **map_tree(kwargs, _local_value))
+    seed = _seed(generator) if name in ops.RANDOM else None
     try:
-        inferred = _infer(name, func, scan.key, args, kwargs)
+        inferred = _infer(name, func, scan.key, args, remote_kwargs)
     except NotImplementedError:  # a data-dependent shape: the server says what it made
-        result = _described(session, name, label, (wire_args, wire_kwargs))
+        result = _described(session, name, label, (wire_args, wire_kwargs), seed)
         outputs = [v for v in _leaves(result) if isinstance(v, RemoteTensor)]
     else:
         outputs = []
 
+        viewed = args[0] if args and type(args[0]) is RemoteTensor else None
+
         def handle(meta: Any) -> Any:
             if not isinstance(meta, torch.Tensor):
                 return meta
-            outputs.append(RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype, label))
-            return outputs[-1]
+            out = RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype, label)
+            if viewed is not None and (meta._is_view() or _alias(name, meta, viewed)):
+                root = viewed._root()  # torch would share its storage
+                root = viewed if root is None else root
+                out._base, out._seen = weakref.ref(root), root._writes
+            outputs.append(out)
+            return out
 
         result = (
             handle(inferred) if isinstance(inferred, torch.Tensor) else _rebuild(inferred, handle)
         )
-        op = messages.TensorOp(name, wire_args, wire_kwargs, [t.ref.id for t in outputs])
+        op = messages.TensorOp(
+            name, wire_args, wire_kwargs, [t._ref.id for t in outputs], seed=seed
+        )
         from djinn.session import user_site
 
         site = user_site()
         session.enqueue(op, label, site)
         for out in outputs:
-            session.track(out.ref, out, site, label)
+            session.track(out._ref, out, site, label)
     if _record(session, label, scan, outputs):  # the policy wants results as data at once
         _rebuild(result, lambda v: v.cpu() if isinstance(v, RemoteTensor) else v)
     return result
@@ -306,6 +477,13 @@ class _Scan:
 
     def wire(self, value: Any) -> Any:
         kind = type(value)
+        if kind is RemoteTensor:
+            value._current()
+            if value._value is not None and value._changed_here():  # the caller's values now
+                if value._session not in self.sessions:
+                    self.sessions.append(value._session)
+                self.known = True
+                value, kind = value._value, torch.Tensor
         if kind is RemoteTensor:
             if value._session not in self.sessions:
                 self.sessions.append(value._session)
@@ -381,8 +559,17 @@ def _last_position_key(key: Any, shape: torch.Size) -> Any:
     return None
 
 
-def _described(session: RemoteSession, name: str, label: str, wire: Any) -> Any:
-    op = messages.TensorOp(name, wire[0], wire[1], [], describe=True)
+def _seed(generator: Any) -> int:
+    """A seed drawn from the caller's generator (default: torch's global one), so that
+    torch.manual_seed repeats a remote sample as it repeats a local one."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+def _described(session: RemoteSession, name: str, label: str, wire: Any, seed: int | None) -> Any:
+    op = messages.TensorOp(name, wire[0], wire[1], [], describe=True, seed=seed)
     index = session.enqueue(op, label)
     return remote_tree(session, session.run().described[index], label)
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import djinn
-from djinn import RemoteModel, RemoteTensor
+from djinn import RemoteModel, RemoteTensor, messages
 from djinn.errors import RemoteUsageError, UsageError
+from djinn.net.codec import OutgoingTuple
 from djinn.semantics import Decision
 from djinn.server.sessions import REF_OVERHEAD_BYTES
 from harness.server import ServerProcess
@@ -215,8 +216,121 @@ def test_unsupported_operations_say_which_and_why(pair: tuple[RemoteTensor, torc
     remote, _ = pair
     with pytest.raises(UsageError, match="cannot run fft_fft on a RemoteTensor"):
         torch.fft.fft(remote)
-    with pytest.raises(AttributeError, match="no attribute 'add_'"):
-        remote.add_(1)
+    with pytest.raises(AttributeError, match="no attribute 'fill_'"):
+        remote.fill_(1)
+
+
+def test_in_place_changes_show_through_every_name_of_the_tensor(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, local = pair
+    alias = remote
+    remote += 1  # as torch: the same tensor changes, so every name bound to it sees it
+    remote.mul_(2)
+    assert remote is alias
+    torch.testing.assert_close(alias.cpu(), (local + 1) * 2)
+    ids = remote.argmax(-1)
+    with pytest.raises(RuntimeError, match="can't be cast to the desired output type"):
+        ids += 0.5  # as torch refuses
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+        ids += torch.ones(2, 1, 1)
+
+
+def test_a_float32_tensor_stays_float32_when_a_double_is_added_in_place(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, local = pair
+    remote += remote.double()
+    assert remote.dtype == torch.float32
+    torch.testing.assert_close(remote.cpu(), local * 2)
+
+
+def test_a_change_through_a_view_works_and_the_viewed_tensor_refuses_use(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    """The sampling idiom `last = logits[:, -1]; last /= t` gives torch's result; the
+    logits themselves, which torch would show changed, refuse to be used or read."""
+    remote, local = pair
+    last = remote[:, -1]
+    last /= 0.5
+    torch.testing.assert_close(last.cpu(), local[:, -1] / 0.5)
+    with pytest.raises(UsageError, match="changed in place through a view"):
+        remote.cpu()
+    with pytest.raises(UsageError, match="changed in place through a view"):
+        remote.sum()
+
+
+def test_a_change_through_an_alias_or_a_read_view_reaches_the_viewed_tensors_checks(
+    rm: RemoteModel,
+) -> None:
+    ids = prompt(length=6)
+    logits = rm(ids).logits
+    same = logits.float()  # torch returns the tensor itself: a change shows in both
+    same /= 2
+    with pytest.raises(UsageError, match="changed in place through a view"):
+        logits.softmax(-1)
+    read_first = rm(ids).logits
+    read_first.cpu()  # read before the change: its fetched values must not be shown
+    row = read_first[0]  # computed here, a view of the fetched values: torch's semantics
+    row += 1
+    torch.testing.assert_close(read_first.cpu()[0], row)
+    unread = rm(ids).logits
+    view = unread[0]
+    view.cpu()
+    view[0, 0] = 5.0  # a change to a read view's values: the viewed tensor is out of date
+    with pytest.raises(UsageError, match="changed in place through a view"):
+        unread.cpu()
+
+
+def test_in_place_names_follow_torch(pair: tuple[RemoteTensor, torch.Tensor]) -> None:
+    remote, _ = pair
+    with pytest.raises(AttributeError, match="no attribute 'softmax_'"):
+        remote.softmax_(-1)  # torch has no softmax_ either
+    with pytest.raises(UsageError, match="changes no shape in place"):
+        remote.unsqueeze_(0)
+
+
+def test_values_edited_under_inference_mode_are_what_later_operations_use(
+    rm: RemoteModel, model: torch.nn.Module
+) -> None:
+    ids = prompt(length=6)
+    with torch.inference_mode():  # fetched values keep no version counter here
+        tokens = rm(ids).logits.argmax(-1)
+        tokens.cpu()
+        tokens[0, 0] = 7
+        tokens += 1
+        with torch.no_grad():
+            expected = model(tokens.cpu()).logits
+        torch.testing.assert_close(rm(tokens).logits.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_views_made_before_an_in_place_change_refuse_use(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, local = pair
+    first, untouched = remote[0], remote.softmax(-1)
+    remote -= 1
+    with pytest.raises(UsageError, match="the tensor it views was changed in place"):
+        first.cpu()
+    torch.testing.assert_close(untouched.cpu(), local.softmax(-1))  # a new tensor, not a view
+    torch.testing.assert_close(remote[0].cpu(), local[0] - 1)
+
+
+def test_fetched_values_changed_here_are_what_later_operations_use(
+    rm: RemoteModel, model: torch.nn.Module
+) -> None:
+    ids = prompt(length=6)
+    tokens = rm(ids).logits.argmax(-1)
+    tokens.cpu()
+    tokens[0, 0] = 7  # the fetched values change here, as a local tensor's would
+    with torch.no_grad():
+        expected = model(tokens.cpu()).logits
+    torch.testing.assert_close(rm(tokens).logits.cpu(), expected, rtol=1e-4, atol=1e-4)
+    other = rm(ids).logits  # an unread tensor: the op runs on the server with our values
+    expected_sum = (tokens.cpu().float().sum() + other.cpu().sum()).item()
+    assert (tokens.float().sum() + other.sum()).item() == pytest.approx(expected_sum, rel=1e-5)
+    with pytest.raises(UsageError, match="cannot assign into a RemoteTensor before reading it"):
+        rm(ids).logits[0] = 0
 
 
 def test_tensors_of_two_sessions_do_not_mix(server: ServerProcess, model: torch.nn.Module) -> None:
@@ -273,3 +387,37 @@ def test_blind_policy_returns_every_result_as_data(
     with RemoteModel(model, server.address, policy="semantic_blind") as blind:
         out = blind(prompt())
         assert isinstance(out.logits, torch.Tensor)  # nothing stays remote to compute on
+
+
+def test_sampling_on_the_server_repeats_under_the_same_seed(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, _ = pair
+    probs = remote[0, -1].softmax(-1)
+
+    def sample(**kwargs: Any) -> list[int]:
+        result: list[int] = torch.multinomial(probs, 8, replacement=True, **kwargs).tolist()
+        return result
+
+    torch.manual_seed(3)
+    first = sample()
+    torch.manual_seed(3)
+    assert sample() == first  # the caller's RNG seeds the server's draw
+    assert sample() != first  # ...and moves on, as local sampling does
+    generator = torch.Generator().manual_seed(5)
+    mine = sample(generator=generator)
+    assert sample(generator=torch.Generator().manual_seed(5)) == mine
+    assert sample(generator=generator) != mine
+
+
+def test_the_server_refuses_a_seed_for_an_operation_that_draws_nothing(
+    rm: RemoteModel, pair: tuple[RemoteTensor, torch.Tensor]
+) -> None:
+    remote, _ = pair
+    session = rm._session
+    out = session.new_ref()
+    session.enqueue(
+        messages.TensorOp("torch.exp", OutgoingTuple([remote.ref]), {}, [out.id], seed=1), "exp"
+    )
+    with pytest.raises(RemoteUsageError, match=r"cannot seed torch\.exp"):
+        session.run()

@@ -208,6 +208,8 @@ def _run_tensor_op(ctx: Context, index: int, op: TensorOp) -> None:
     if "out" in op.kwargs:
         raise RemoteUsageError(f"cannot run {op.name} with out=: results are always new tensors")
     args, kwargs = map_tree((op.args, op.kwargs), ctx.resolve)
+    if op.seed is not None or op.name in ops.RANDOM:
+        kwargs = {**kwargs, "generator": _generator(op, args, kwargs)}
     args, kwargs = guard(op.name, args, kwargs, ctx.deferred)
     nbytes = output_bytes(op.name, fn, args, kwargs)
     ctx.reserve(nbytes, f"run {op.name}")
@@ -222,6 +224,21 @@ def _run_tensor_op(ctx: Context, index: int, op: TensorOp) -> None:
     for ref_id, tensor in zip(op.out, tensors, strict=True):
         ctx.keep(ref_id, tensor, nbytes)
         nbytes = 0  # the op's bytes, counted once
+
+
+def _generator(op: TensorOp, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Generator:
+    """The seeded generator of a random operation, on its input's device: never the
+    process's own RNG, which every session shares."""
+    if op.name not in ops.RANDOM:
+        raise RemoteUsageError(f"cannot seed {op.name}: it draws no random numbers")
+    if op.seed is None or "generator" in kwargs:
+        raise RemoteUsageError(f"cannot run {op.name}: it needs a seed, and no generator=")
+    source = args[0] if args else kwargs.get("input")
+    if not isinstance(source, torch.Tensor):
+        raise RemoteUsageError(f"cannot run {op.name}: its input must be a tensor")
+    generator = torch.Generator(device=source.device)
+    generator.manual_seed(op.seed)
+    return generator
 
 
 def _store(
