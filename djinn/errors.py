@@ -28,8 +28,9 @@ class DjinnError(Exception):
     """Base class of every error djinn raises."""
 
 
-class UsageError(DjinnError):
-    """The API was called in a way it does not support."""
+class UsageError(DjinnError, ValueError):
+    """The API was called in a way it does not support. A ValueError, as the same call's
+    refusal is from torch or transformers, so `except ValueError` catches both."""
 
 
 class ProtocolError(DjinnError):
@@ -116,8 +117,9 @@ class DeviceOutOfMemoryError(ServerError):
     code = "device_oom"
 
 
-class RemoteUsageError(ServerError):
-    """The server judged the call's arguments invalid (wrong shape, unknown method, ...)."""
+class RemoteUsageError(ServerError, ValueError):
+    """The server judged the call's arguments invalid (wrong shape, unknown method, ...);
+    a ValueError, as the local library's refusal of them is."""
 
     code = "usage"
 

@@ -305,6 +305,8 @@ def test_settings_transformers_refuses_are_usage_errors(pair: tuple[Any, RemoteM
     for bad in ({"do_sample": True, "temperature": 0.0}, {"repetition_penalty": 0.0}):
         with pytest.raises(RemoteUsageError, match="cannot generate: ValueError: `"):
             remote.generate(prompt(), max_new_tokens=2, **bad)
+    with pytest.raises(ValueError):  # caught as the local refusal is
+        remote.generate(prompt(), max_new_tokens=2, do_sample=True, top_k=-1)
     assert remote.generate(prompt(), max_new_tokens=2).shape == (1, 14)
 
 
