@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ def connect_ray(address: str = "") -> Any:
     `address` (`auto`, the default, finds a local one)."""
     ray = ray_module()
     if not ray.is_initialized():
+        probe(address)
         ray.init(
             address=address or "auto",
             namespace=NAMESPACE,
@@ -45,6 +47,19 @@ def connect_ray(address: str = "") -> Any:
             log_to_driver=False,
         )
     return ray
+
+
+def probe(address: str) -> None:
+    """Fail in seconds where Ray would retry for a minute: nothing listens at HOST:PORT."""
+    if address in ("", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"cannot use the Ray address {address!r}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address}: {exc}") from None
 
 
 class ServerActor:
