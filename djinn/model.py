@@ -577,7 +577,7 @@ class RemoteModel:
             session.release(logits_ref)
         else:
             if tail is not None:
-                logits._tail = values[tail.id]
+                logits._arrived_tail(values[tail.id])
                 session.release(tail)
             out["logits"] = logits
         if use_cache:

@@ -71,11 +71,11 @@ class RemoteTensor(_Handle):
 
     __slots__ = (
         "_base",
-        "_edited",
         "_name",
         "_seen",
         "_stale",
         "_tail",
+        "_tail_version",
         "_value",
         "_version",
         "_writes",
@@ -98,8 +98,8 @@ class RemoteTensor(_Handle):
         self._name = name
         self._value: torch.Tensor | None = None  # known once fetched
         self._version = 0  # the fetched value's version counter when it arrived
-        self._edited = False  # the fetched value was changed here through this handle
         self._tail: torch.Tensor | None = None  # its last position along dim 1, when known
+        self._tail_version = 0
         # Views: server values share no storage, so a view records the value it views
         # (its root, weakly: a root nobody holds cannot be seen) and that root's in-place
         # changes when it was made (see _in_place).
@@ -110,7 +110,10 @@ class RemoteTensor(_Handle):
 
     def _arrived(self, value: torch.Tensor) -> None:
         self._value = value
-        self._version = _version_of(value)
+        self._version = value._version  # fetched values are normal tensors (codec.py)
+
+    def _arrived_tail(self, tail: torch.Tensor) -> None:
+        self._tail, self._tail_version = tail, tail._version
 
     def _root(self) -> RemoteTensor | None:
         return self._base() if self._base is not None else None
@@ -118,6 +121,8 @@ class RemoteTensor(_Handle):
     def _current(self) -> None:
         """Raise where torch would show an in-place change that djinn cannot."""
         why = self._stale
+        if self._tail is not None and self._tail._version != self._tail_version:
+            why = "its last position was changed in place through a view"
         root = self._root()
         if why is None and root is not None and (root._stale or self._seen != root._writes):
             why = "the tensor it views was changed in place since"
@@ -130,9 +135,7 @@ class RemoteTensor(_Handle):
 
     def _changed_here(self) -> bool:
         """Whether the caller changed the fetched values in place since they arrived."""
-        return self._value is not None and (
-            self._edited or _version_of(self._value) != self._version
-        )
+        return self._value is not None and self._value._version != self._version
 
     def _wrote(self, how: str) -> None:
         """After an in-place change: views made before it, and the value this one views,
@@ -309,7 +312,6 @@ class RemoteTensor(_Handle):
         if self._value is not None:
             local = getattr(self._value, in_place)
             local(*map_tree(args, _local_value), **map_tree(kwargs, _local_value))
-            self._edited = True
         else:
             result = apply(getattr(torch.Tensor, name), (self, *args), kwargs)
             if not isinstance(result, RemoteTensor) or result.shape != self.shape:
@@ -330,9 +332,9 @@ class RemoteTensor(_Handle):
                 result = apply(torch.Tensor.to, (result, self.dtype), {})
             # the handles trade references: the old value goes with `result`'s handle
             self._ref, result._ref = result._ref, self._ref
-            self._value, self._tail, self._version = result._value, result._tail, result._version
+            self._value, self._version = result._value, result._version
+            self._tail, self._tail_version = result._tail, result._tail_version
             self._session.track(self._ref, self, "", self._name)
-            self._edited = False
         self._wrote(in_place)
         self._base, self._seen = None, 0  # a value of its own from now on
         return self
@@ -346,7 +348,6 @@ class RemoteTensor(_Handle):
             )
         self._current()
         self._value[key] = _local_value(value)
-        self._edited = True
         self._wrote("__setitem__")
         self._base, self._seen = None, 0
 
@@ -386,14 +387,6 @@ _MAY_ALIAS: Final = frozenset(
 
 def _alias(name: str, meta: torch.Tensor, viewed: RemoteTensor) -> bool:
     return name in _MAY_ALIAS and meta.dtype == viewed.dtype and meta.shape == viewed.shape
-
-
-def _version_of(tensor: torch.Tensor) -> int:
-    """torch's count of in-place changes; inference tensors keep none (read as 0)."""
-    try:
-        return int(tensor._version)
-    except RuntimeError:
-        return 0
 
 
 def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -619,7 +612,8 @@ def _infer(name: str, func: Callable[..., Any], key: list[Any], args: Any, kwarg
         if known is not None:
             return known
     try:
-        inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+        with torch.inference_mode(False):  # where torch records views (see _in_place)
+            inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
     except RuntimeError as exc:
         if "meta" in str(exc) or "data-dependent" in str(exc):
             raise NotImplementedError(str(exc)) from None

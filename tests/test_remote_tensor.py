@@ -421,3 +421,21 @@ def test_the_server_refuses_a_seed_for_an_operation_that_draws_nothing(
     )
     with pytest.raises(RemoteUsageError, match=r"cannot seed torch\.exp"):
         session.run()
+
+
+@pytest.mark.parametrize("policy", ["full", "partially_aware"])
+def test_changing_the_last_row_in_place_makes_the_logits_refuse_use(
+    server: ServerProcess, model: torch.nn.Module, policy: str
+) -> None:
+    """Whether the last row is read after the forward (full) or came with its reply
+    (partially_aware), dividing it in place leaves the logits torch would show changed,
+    which djinn's server cannot: they refuse use, under inference_mode too."""
+    with RemoteModel(model, server.address, policy=policy) as rm, torch.inference_mode():
+        out = rm(prompt(length=6))
+        last = out.logits[:, -1]
+        assert isinstance(last, torch.Tensor) == (policy == "partially_aware")
+        before = torch.as_tensor(last).clone()
+        last /= 2
+        torch.testing.assert_close(torch.as_tensor(last), before / 2)
+        with pytest.raises(UsageError, match="changed in place through a view"):
+            out.logits.cpu()

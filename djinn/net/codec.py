@@ -325,7 +325,8 @@ def _ext_hook(code: int, data: memoryview) -> Any:
             raise RemoteProtocolError(f"cannot decode message: unknown dtype {dtype!r:.40}")
         torch_dtype, itemsize = TORCH_DTYPES[dtype]
         dims = _shape(shape, itemsize, raw.nbytes)
-        return torch.from_numpy(raw).view(torch_dtype).reshape(dims)
+        with torch.inference_mode(False):  # a tensor that counts its in-place changes
+            return torch.from_numpy(raw).view(torch_dtype).reshape(dims)
     if code == _NDARRAY:
         index, dtype, shape = _triple(data, "array")
         raw = _buffer(index)
