@@ -42,3 +42,17 @@ def test_an_address_where_nothing_listens_fails_in_seconds(
     assert main(["up", "--address", "no-port-here"]) == 2
     assert "expected auto or HOST:PORT" in capsys.readouterr().err
     assert time.monotonic() - began < 30  # Ray's own retries take a minute or more
+
+
+def test_an_address_where_something_else_listens_is_not_taken_for_ray(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("ray")
+    with socket.socket() as listener:  # accepts, and never says a word
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        began = time.monotonic()
+        assert main(["status", "--address", f"djinn+ray://127.0.0.1:{port}"]) == 2
+        assert f"127.0.0.1:{port} is not a Ray cluster" in capsys.readouterr().err
+        assert time.monotonic() - began < 30

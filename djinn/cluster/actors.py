@@ -39,6 +39,7 @@ def connect_ray(address: str = "") -> Any:
     `address` (`auto`, the default, finds a local one)."""
     ray = ray_module()
     if not ray.is_initialized():
+        address = address.removeprefix("djinn+ray://")  # the address `up` prints for clients
         probe(address)
         ray.init(
             address=address or "auto",
@@ -49,17 +50,31 @@ def connect_ray(address: str = "") -> Any:
     return ray
 
 
+# HTTP/2's client preface and an empty SETTINGS frame: a Ray head (gRPC) answers with
+# a SETTINGS frame of its own, anything else with something else or nothing.
+_HTTP2_HELLO: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def probe(address: str) -> None:
-    """Fail in seconds where Ray would retry for a minute: nothing listens at HOST:PORT."""
+    """Fail in seconds where Ray would retry for minutes: nothing listens at HOST:PORT,
+    or what does is not a Ray head (it does not speak gRPC)."""
     if address in ("", "auto"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"cannot use the Ray address {address!r}: expected auto or HOST:PORT")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), PROBE_TIMEOUT_S)
     except OSError as exc:
         raise ConnectionError(f"nothing answers at {address}: {exc}") from None
+    with sock:
+        try:
+            sock.sendall(_HTTP2_HELLO)
+            reply = sock.recv(9)
+        except OSError:
+            reply = b""
+    if len(reply) < 4 or reply[3] != 4:  # a frame's type is its fourth byte; 4 is SETTINGS
+        raise ConnectionError(f"{address} is not a Ray cluster: it does not answer gRPC")
 
 
 class ServerActor:
