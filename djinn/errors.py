@@ -117,9 +117,9 @@ class DeviceOutOfMemoryError(ServerError):
     code = "device_oom"
 
 
-class RemoteUsageError(ServerError, ValueError):
+class RemoteUsageError(ServerError, ValueError, RuntimeError):
     """The server judged the call's arguments invalid (wrong shape, unknown method, ...);
-    a ValueError, as the local library's refusal of them is."""
+    a ValueError and a RuntimeError, as transformers' and torch's refusals of them are."""
 
     code = "usage"
 

@@ -31,7 +31,7 @@ _METHODS: Final = """
     abs add all amax amin any argmax argmin argsort bfloat16 bool ceil chunk clamp clone
     contiguous cos cumsum detach div double exp expand expand_as flatten flip float floor
     gather half index_select int isnan log log_softmax logsumexp long masked_fill matmul max
-    mean min mul narrow neg norm permute pow prod repeat reshape reshape_as round rsqrt
+    mean min mul multinomial narrow neg norm permute pow prod repeat reshape reshape_as round rsqrt
     sigmoid sign sin softmax sort split sqrt square squeeze std sub sum t tanh topk transpose
     tril triu type_as unbind unsqueeze var view view_as
 """.split()
@@ -65,7 +65,18 @@ _NAMES: Final = {fn: name for name, fn in OPS.items()} | {torch.Tensor.to: "Tens
 TENSOR_METHODS: Final = frozenset(_METHODS)
 # Operations that draw random numbers: the client sends a seed drawn from the caller's
 # RNG (or generator=), and the server draws from a generator seeded with it.
-RANDOM: Final = frozenset({"torch.multinomial"})
+RANDOM: Final = frozenset({"torch.multinomial", "Tensor.multinomial"})
+# Where a function takes an `inplace` flag: its keyword, or its position.
+_INPLACE_FLAG: Final = {"F.relu": 1, "F.silu": 1}
+
+
+def refusal(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why `name` may not run with these arguments, if it may not: server values never
+    change in place (an in-place change is a new value; see djinn.tensor)."""
+    index = _INPLACE_FLAG.get(name)
+    if index is not None and (kwargs.get("inplace") or (len(args) > index and args[index])):
+        return f"cannot run {name} with inplace=True on the server: its values never change"
+    return None
 
 
 def name_of(fn: Callable[..., Any]) -> str | None:

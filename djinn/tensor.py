@@ -70,15 +70,14 @@ class RemoteTensor(_Handle):
     """A tensor that lives on the server. Shape and dtype are known here; values cross when read."""
 
     __slots__ = (
-        "_base",
         "_name",
         "_seen",
-        "_stale",
+        "_storage",
+        "_stride",
         "_tail",
         "_tail_version",
         "_value",
         "_version",
-        "_writes",
         "dtype",
         "shape",
     )
@@ -100,13 +99,9 @@ class RemoteTensor(_Handle):
         self._version = 0  # the fetched value's version counter when it arrived
         self._tail: torch.Tensor | None = None  # its last position along dim 1, when known
         self._tail_version = 0
-        # Views: server values share no storage, so a view records the value it views
-        # (its root, weakly: a root nobody holds cannot be seen) and that root's in-place
-        # changes when it was made (see _in_place).
-        self._base: weakref.ref[RemoteTensor] | None = None
-        self._seen = 0
-        self._writes = 0  # in-place changes of this value, as a root
-        self._stale: str | None = None  # why the value is out of date, once it is
+        self._stride: tuple[int, ...] | None = None  # torch's layout, where inferred
+        self._storage: _Storage | None = None  # shared with its views, once it has some
+        self._seen = -1  # for a view, its storage's writes when it was made
 
     def _arrived(self, value: torch.Tensor) -> None:
         self._value = value
@@ -115,17 +110,18 @@ class RemoteTensor(_Handle):
     def _arrived_tail(self, tail: torch.Tensor) -> None:
         self._tail, self._tail_version = tail, tail._version
 
-    def _root(self) -> RemoteTensor | None:
-        return self._base() if self._base is not None else None
-
     def _current(self) -> None:
         """Raise where torch would show an in-place change that djinn cannot."""
-        why = self._stale
+        why = None
+        storage = self._storage
+        if storage is not None:
+            why = storage.stale
+            if why is None and self._seen >= 0:  # a view: of a value changed since?
+                root = storage.root()
+                if self._seen != storage.writes or (root is not None and root._changed_here()):
+                    why = "the tensor it views was changed in place since"
         if self._tail is not None and self._tail._version != self._tail_version:
             why = "its last position was changed in place through a view"
-        root = self._root()
-        if why is None and root is not None and (root._stale or self._seen != root._writes):
-            why = "the tensor it views was changed in place since"
         if why is not None:
             raise UsageError(
                 f"cannot use this RemoteTensor ({self._name}): {why}. Server values do not "
@@ -138,12 +134,22 @@ class RemoteTensor(_Handle):
         return self._value is not None and self._value._version != self._version
 
     def _wrote(self, how: str) -> None:
-        """After an in-place change: views made before it, and the value this one views,
-        are out of date."""
-        self._writes += 1
-        root = self._root()
-        if root is not None:
-            root._stale = f"it was changed in place through a view ({how})"
+        """After an in-place change: a value's views made before it are out of date; a
+        view's change makes every handle of its storage so, and it has a value of its own."""
+        storage = self._storage
+        if storage is None:
+            return
+        if self._seen < 0:
+            storage.writes += 1
+        else:
+            storage.stale = f"it was changed in place through a view ({how})"
+            self._storage, self._seen = None, -1
+
+    def _view_of(self, viewed: RemoteTensor) -> None:
+        storage = viewed._storage
+        if storage is None:
+            storage = viewed._storage = _Storage(viewed)
+        self._storage, self._seen = storage, storage.writes
 
     @property
     def ref(self) -> Ref:
@@ -213,6 +219,7 @@ class RemoteTensor(_Handle):
         is a no-op. The server decides where its values live, so other devices are refused."""
         dtype = kwargs.pop("dtype", None)
         device: Any = kwargs.pop("device", None)
+        copy = bool(kwargs.pop("copy", False))
         for arg in args:
             if isinstance(arg, torch.dtype):
                 dtype = arg
@@ -225,6 +232,8 @@ class RemoteTensor(_Handle):
         result: Any = self
         if dtype is not None and dtype != self.dtype:
             result = apply(torch.Tensor.to, (self, dtype), {})
+        elif copy:
+            result = apply(torch.Tensor.clone, (self,), {})
         if device is None or torch.device(device) == self.device:
             return result
         if torch.device(device).type == "cpu":
@@ -313,22 +322,9 @@ class RemoteTensor(_Handle):
             local = getattr(self._value, in_place)
             local(*map_tree(args, _local_value), **map_tree(kwargs, _local_value))
         else:
+            _check_in_place(self, in_place, args, kwargs)
             result = apply(getattr(torch.Tensor, name), (self, *args), kwargs)
-            if not isinstance(result, RemoteTensor) or result.shape != self.shape:
-                raise UsageError(
-                    f"cannot run {in_place} on a RemoteTensor of shape {list(self.shape)}: "
-                    f"it would make shape {list(getattr(result, 'shape', []))}, and djinn "
-                    f"changes no shape in place; write x = x.{name}(...)"
-                    if in_place.endswith("_")
-                    else f"output with shape {list(self.shape)} doesn't match the broadcast "
-                    f"shape {list(getattr(result, 'shape', []))}"
-                )
-            if result.dtype != self.dtype:
-                if not torch.can_cast(result.dtype, self.dtype):
-                    raise RuntimeError(
-                        f"result type {result.dtype} can't be cast to the desired output "
-                        f"type {self.dtype}"
-                    )
+            if result.dtype != self.dtype:  # as torch casts an in-place result
                 result = apply(torch.Tensor.to, (result, self.dtype), {})
             # the handles trade references: the old value goes with `result`'s handle
             self._ref, result._ref = result._ref, self._ref
@@ -336,7 +332,6 @@ class RemoteTensor(_Handle):
             self._tail, self._tail_version = result._tail, result._tail_version
             self._session.track(self._ref, self, "", self._name)
         self._wrote(in_place)
-        self._base, self._seen = None, 0  # a value of its own from now on
         return self
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -349,7 +344,6 @@ class RemoteTensor(_Handle):
         self._current()
         self._value[key] = _local_value(value)
         self._wrote("__setitem__")
-        self._base, self._seen = None, 0
 
 
 def _operator(name: str) -> Callable[..., Any]:
@@ -360,6 +354,30 @@ def _operator(name: str) -> Callable[..., Any]:
 
     run.__name__ = name
     return run
+
+
+def _check_in_place(
+    tensor: RemoteTensor, in_place: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Raise what torch raises for this in-place change (broadcast, casting, overlap),
+    and UsageError for one that changes the shape, which djinn does not do in place."""
+    if tensor._stride is not None and 0 in [
+        step for step, size in zip(tensor._stride, tensor.shape, strict=True) if size > 1
+    ]:  # meta tensors do not check this
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers "
+            "to a single memory location. Please clone() the tensor before performing the "
+            "operation."
+        )
+    with torch.inference_mode(False):
+        meta = getattr(_to_meta(tensor), in_place)(
+            *map_tree(args, _to_meta), **map_tree(kwargs, _to_meta)
+        )
+    if meta.shape != tensor.shape:
+        raise UsageError(
+            f"cannot run {in_place} on a RemoteTensor: it changes the shape, which djinn "
+            f"does not do in place; write x = x.{in_place[:-1]}(...) for a new tensor"
+        )
 
 
 def _in_place_operator(name: str) -> Callable[..., Any]:
@@ -377,18 +395,6 @@ for _name in sorted(ops.TENSOR_METHODS):
             setattr(RemoteTensor, f"__i{_name[2:]}", _in_place_operator(_name))
 
 
-# Results torch may return as their input itself (to its own dtype, contiguous when it is):
-# a change through one would show in the input.
-_MAY_ALIAS: Final = frozenset(
-    f"Tensor.{name}"
-    for name in "bfloat16 bool contiguous detach double float half int long to type_as".split()
-)
-
-
-def _alias(name: str, meta: torch.Tensor, viewed: RemoteTensor) -> bool:
-    return name in _MAY_ALIAS and meta.dtype == viewed.dtype and meta.shape == viewed.shape
-
-
 def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Queue `func(*args, **kwargs)` on the server; results are RemoteTensors (or, where
     every input has already crossed, the local result).
@@ -403,6 +409,9 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             f"cannot run {label} on a RemoteTensor: it is not among the operations djinn runs "
             "on the server (djinn.ops); read the tensor with .cpu() first"
         )
+    refused = ops.refusal(name, args, kwargs)
+    if refused is not None:
+        raise UsageError(f"{refused}; write x = {label}(x) for a new tensor")
     scan = _Scan()
     remote_kwargs, generator = kwargs, None
     if name in ops.RANDOM:  # the server's generator is seeded from this one
@@ -417,23 +426,22 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
             return func(*known, **map_tree(kwargs, _local_value))
     seed = _seed(generator) if name in ops.RANDOM else None
     try:
-        inferred = _infer(name, func, scan.key, args, remote_kwargs)
+        inferred, aliased = _infer(name, func, scan.key, args, remote_kwargs)
     except NotImplementedError:  # a data-dependent shape: the server says what it made
         result = _described(session, name, label, (wire_args, wire_kwargs), seed)
         outputs = [v for v in _leaves(result) if isinstance(v, RemoteTensor)]
     else:
         outputs = []
 
-        viewed = args[0] if args and type(args[0]) is RemoteTensor else None
+        viewed = scan.remote[0] if len(scan.remote) == 1 else None
 
         def handle(meta: Any) -> Any:
             if not isinstance(meta, torch.Tensor):
                 return meta
             out = RemoteTensor(session, session.new_ref(), meta.shape, meta.dtype, label)
-            if viewed is not None and (meta._is_view() or _alias(name, meta, viewed)):
-                root = viewed._root()  # torch would share its storage
-                root = viewed if root is None else root
-                out._base, out._seen = weakref.ref(root), root._writes
+            out._stride = tuple(meta.stride())
+            if viewed is not None and (aliased or meta._is_view()):  # torch shares storage
+                out._view_of(viewed)
             outputs.append(out)
             return out
 
@@ -482,7 +490,7 @@ class _Scan:
                 self.sessions.append(value._session)
             self.remote.append(value)
             self.known = self.known or value._value is not None or value._tail is not None
-            self.key.append((value.shape, value.dtype))
+            self.key.append((value.shape, value.dtype, value._stride))
             return value._ref
         if kind is tuple or kind is list:
             self.key.append((kind, len(value)))
@@ -599,9 +607,13 @@ _INFERRED: dict[Any, Any] = {}
 _INFERRED_LIMIT: Final = 4096
 
 
-def _infer(name: str, func: Callable[..., Any], key: list[Any], args: Any, kwargs: Any) -> Any:
-    """The result as meta tensors. Raises what torch raises for bad arguments,
-    NotImplementedError when the result's shape depends on the values."""
+def _infer(
+    name: str, func: Callable[..., Any], key: list[Any], args: Any, kwargs: Any
+) -> tuple[Any, bool]:
+    """The result as meta tensors, and whether it is an input itself (as `contiguous()`
+    of a contiguous tensor is, and `detach()` shares its storage). Raises what torch
+    raises for bad arguments, NotImplementedError when the result's shape depends on
+    the values."""
     try:
         signature: Any = (name, *key)
         hash(signature)
@@ -610,23 +622,27 @@ def _infer(name: str, func: Callable[..., Any], key: list[Any], args: Any, kwarg
     if signature is not None:
         known = _INFERRED.get(signature)
         if known is not None:
-            return known
+            return known  # type: ignore[no-any-return]
     try:
         with torch.inference_mode(False):  # where torch records views (see _in_place)
-            inferred = func(*map_tree(args, _to_meta), **map_tree(kwargs, _to_meta))
+            metas = map_tree(args, _to_meta)
+            inferred = func(*metas, **map_tree(kwargs, _to_meta))
     except RuntimeError as exc:
         if "meta" in str(exc) or "data-dependent" in str(exc):
             raise NotImplementedError(str(exc)) from None
         raise
+    aliased = name == "Tensor.detach" or any(inferred is meta for meta in _leaves(metas))
     if signature is not None:
         if len(_INFERRED) >= _INFERRED_LIMIT:
             _INFERRED.clear()
-        _INFERRED[signature] = inferred
-    return inferred
+        _INFERRED[signature] = (inferred, aliased)
+    return inferred, aliased
 
 
 def _to_meta(value: Any) -> Any:
     if isinstance(value, RemoteTensor):
+        if value._stride is not None:  # a view's layout decides what contiguous() makes
+            return torch.empty_strided(value.shape, value._stride, dtype=value.dtype, device="meta")
         return torch.empty(value.shape, dtype=value.dtype, device="meta")
     if isinstance(value, torch.Tensor):
         return value.to("meta")
@@ -638,6 +654,20 @@ def _rebuild(value: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(value, tuple) and type(value) is not tuple:
         return type(value)(tuple(_rebuild(v, fn) for v in value))
     return map_tree(value, fn)
+
+
+class _Storage:
+    """What a server value and the views made of it share, as a torch tensor's views share
+    its storage. Server values share none, so this keeps what the views cannot see:
+    `writes`, the value's own in-place changes; `stale`, why every handle of it is out of
+    date, once a view of it was changed."""
+
+    __slots__ = ("root", "stale", "writes")
+
+    def __init__(self, root: RemoteTensor) -> None:
+        self.root = weakref.ref(root)  # weak: a value nobody holds leaves the server
+        self.writes = 0
+        self.stale: str | None = None
 
 
 class RemoteCache(_Handle):

@@ -286,7 +286,7 @@ def test_in_place_names_follow_torch(pair: tuple[RemoteTensor, torch.Tensor]) ->
     remote, _ = pair
     with pytest.raises(AttributeError, match="no attribute 'softmax_'"):
         remote.softmax_(-1)  # torch has no softmax_ either
-    with pytest.raises(UsageError, match="changes no shape in place"):
+    with pytest.raises(UsageError, match="changes the shape, which djinn does not do in place"):
         remote.unsqueeze_(0)
 
 
@@ -439,3 +439,71 @@ def test_changing_the_last_row_in_place_makes_the_logits_refuse_use(
         torch.testing.assert_close(torch.as_tensor(last), before / 2)
         with pytest.raises(UsageError, match="changed in place through a view"):
             out.logits.cpu()
+
+
+def test_found_by_trying_in_place_changes_as_a_user_does(
+    rm: RemoteModel, model: torch.nn.Module
+) -> None:
+    """Each case gives torch's values or a UsageError, never other values."""
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        local = model(ids).logits
+    scores = rm(ids).logits
+    first = scores[:, 0]
+    scores *= 2
+    scores = scores.softmax(-1)  # the changed tensor's only name now names another
+    with pytest.raises(UsageError, match="the tensor it views was changed in place"):
+        first.cpu()  # torch shows it doubled
+    logits = rm(ids).logits
+    copied = logits.to(torch.float32, copy=True)  # a copy, though of the same dtype
+    copied += 100
+    torch.testing.assert_close(logits.cpu(), local, rtol=1e-4, atol=1e-4)
+    logits = rm(ids).logits
+    last = logits[:, -1]
+    logits.cpu()
+    logits[:, -1].div_(2)  # through the fetched values: the view made before is out of date
+    with pytest.raises(UsageError, match="the tensor it views was changed in place"):
+        last.cpu()
+    square = rm(ids).logits[0, :, :5] * 1
+    flipped = torch.einsum("ij->ji", square)  # a view, though of the second argument
+    flipped += 1
+    with pytest.raises(UsageError, match="changed in place through a view"):
+        square.cpu()
+    with pytest.raises(UsageError, match="inplace=True"):
+        torch.nn.functional.relu(rm(ids).logits, inplace=True)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        rm(ids).logits[:, -1:].expand(2, 3, VOCAB).add_(1)  # as torch refuses
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+        logits = rm(ids).logits
+        logits += torch.ones(3, 2, 1, 1)
+
+
+def test_copies_torch_makes_are_copies_here(rm: RemoteModel, model: torch.nn.Module) -> None:
+    """contiguous() and reshape() of a strided view copy in torch, and so here: a change to
+    the copy leaves the tensor usable."""
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        local = model(ids).logits
+    logits = rm(ids).logits
+    row = logits[:, -1].contiguous()  # batch 2: the last rows are not contiguous
+    row.add_(1)
+    flat = logits.transpose(0, 1).reshape(-1)
+    flat += 1
+    scaled = logits[:, -1, :].to(copy=True, dtype=torch.float32)  # transformers' sampling
+    scaled /= 0.7
+    torch.testing.assert_close(logits.sum().item(), local.sum().item(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(row.cpu(), local[:, -1] + 1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scaled.cpu(), local[:, -1] / 0.7, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_by_method_and_torch_errors_on_the_server_are_runtime_errors(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, _ = pair
+    probs = remote[0, -1].softmax(-1)
+    torch.manual_seed(4)
+    first = probs.multinomial(3).tolist()
+    torch.manual_seed(4)
+    assert probs.multinomial(3).tolist() == first
+    with pytest.raises(RuntimeError):  # as torch raises it: too many samples without replacement
+        torch.multinomial(probs, VOCAB + 1).cpu()

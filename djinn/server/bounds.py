@@ -225,5 +225,6 @@ _GUARDS: Final[dict[str, Guard]] = {
     "torch.index_select": partial(_selection, name="index_select"),
     "Tensor.index_select": partial(_selection, name="index_select"),
     "torch.multinomial": _multinomial,
+    "Tensor.multinomial": _multinomial,
     "Tensor.__getitem__": _subscript,
 }

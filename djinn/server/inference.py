@@ -207,6 +207,9 @@ def _run_tensor_op(ctx: Context, index: int, op: TensorOp) -> None:
         raise RemoteUsageError(f"{op.name!r} is not an operation a RemoteTensor may run")
     if "out" in op.kwargs:
         raise RemoteUsageError(f"cannot run {op.name} with out=: results are always new tensors")
+    refused = ops.refusal(op.name, op.args, op.kwargs)
+    if refused is not None:
+        raise RemoteUsageError(refused)
     args, kwargs = map_tree((op.args, op.kwargs), ctx.resolve)
     if op.seed is not None or op.name in ops.RANDOM:
         kwargs = {**kwargs, "generator": _generator(op, args, kwargs)}
