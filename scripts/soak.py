@@ -145,19 +145,20 @@ def kills_and_churn(args: argparse.Namespace, server: ServerProcess) -> list[tup
 
 def honest(
     client: djinn.Client, model: torch.nn.Module, prompt: torch.Tensor, tokens: int
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[float], list[float]]:
     """A streaming client's loop, a session on its own connection: every token read as
-    it is made."""
+    it is made. Returns the tokens, each step's latency, and when each step ended."""
     with djinn.RemoteModel(model, client) as rm:
         out = rm(prompt)
-        got, latencies = [], []
+        got, latencies, ends = [], [], []
         for _ in range(tokens):
             start = time.perf_counter()
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             got.append(int(token.item()))
             out = rm(token, past_key_values=out.past_key_values)
             latencies.append(time.perf_counter() - start)
-    return got, latencies
+            ends.append(time.time())
+    return got, latencies, ends
 
 
 def _raw(address: str) -> socket.socket:
@@ -238,10 +239,22 @@ def adversary(address: str, stop: Any, counts: Any) -> None:
     i = 0
     while not stop.is_set():
         name, attack = attacks[i % len(attacks)]
+        began = time.time()
         with contextlib.suppress(DjinnError, OSError):  # refused: what the attack should get
             attack()
-        counts.put(name)
+        counts.put((name, began, time.time()))
         i += 1
+
+
+def by_attack(
+    spans: list[tuple[str, float, float]], ends: list[float], latencies: list[float]
+) -> dict[str, list[float]]:
+    """The honest steps' latencies by the attack running as each step ended."""
+    found: dict[str, list[float]] = {}
+    for end, latency in zip(ends, latencies, strict=True):
+        name = next((n for n, began, ended in spans if began <= end <= ended), "(between)")
+        found.setdefault(name, []).append(latency)
+    return dict(sorted(found.items()))
 
 
 def p99(values: list[float]) -> float:
@@ -268,17 +281,19 @@ def adversarial(
     observer = djinn.connect(server.address)
     wait_for(lambda: settled(observer, connections=2))
     baseline = mib(process)
-    solo_tokens, solo = honest(client, model, prompt, args.tokens)
+    solo_tokens, solo, _ = honest(client, model, prompt, args.tokens)
     context = multiprocessing.get_context("fork")
     stop, counts = context.Event(), context.Queue()
     attacker = context.Process(target=adversary, args=(server.address, stop, counts))
     attacker.start()
     under: list[float] = []
+    ends: list[float] = []
     tokens_ok = solo_tokens == expected_tokens
     deadline = time.monotonic() + args.seconds
     loops = 0
     while time.monotonic() < deadline:
-        got, latencies = honest(client, model, prompt, args.tokens)
+        got, latencies, ended = honest(client, model, prompt, args.tokens)
+        ends.extend(ended)
         tokens_ok &= got == expected_tokens
         under.extend(latencies)
         loops += 1
@@ -286,9 +301,10 @@ def adversarial(
     stop.set()
     attacker.join(60)
     attacks: dict[str, int] = {}
+    spans: list[tuple[str, float, float]] = []
     while not counts.empty():
-        name = counts.get()
-        attacks[name] = attacks.get(name, 0) + 1
+        spans.append(counts.get())
+        attacks[spans[-1][0]] = attacks.get(spans[-1][0], 0) + 1
     settle = wait_for(lambda: settled(observer, connections=2), seconds=30)
     time.sleep(1.0)
     after = mib(process)
@@ -303,6 +319,11 @@ def adversarial(
     )
     print(f"  tokens equal local greedy in every loop: {'yes' if tokens_ok else 'NO'}")
     print("attacks run: " + ", ".join(f"{name} x{n}" for name, n in attacks.items()))
+    for name, latencies in by_attack(spans, ends, under).items():
+        print(
+            f"  honest steps during {name}: {len(latencies)}, "
+            f"p50 {statistics.median(latencies) * 1e3:.2f} ms, p99 {p99(latencies) * 1e3:.2f} ms"
+        )
     print(f"server settled {settle:.2f}s after the adversary left")
     rows = [
         ("baseline, before the adversary", baseline),
