@@ -359,8 +359,9 @@ def _operator(name: str) -> Callable[..., Any]:
 def _check_in_place(
     tensor: RemoteTensor, in_place: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """Raise what torch raises for this in-place change (broadcast, casting, overlap),
-    and UsageError for one that changes the shape, which djinn does not do in place."""
+    """Raise what torch raises for this in-place change (broadcast, casting, overlap), and
+    UsageError for one that changes the shape, which djinn does not do in place, or reads
+    another view of its own storage."""
     if tensor._stride is not None and 0 in [
         step for step, size in zip(tensor._stride, tensor.shape, strict=True) if size > 1
     ]:  # meta tensors do not check this
@@ -368,6 +369,16 @@ def _check_in_place(
             "unsupported operation: more than one element of the written-to tensor refers "
             "to a single memory location. Please clone() the tensor before performing the "
             "operation."
+        )
+    storage = tensor._storage
+    if storage is not None and any(
+        type(other) is RemoteTensor and other is not tensor and other._storage is storage
+        for other in _leaves([*args, *kwargs.values()])
+    ):  # torch writes as it goes over an overlap; djinn writes a new value at once
+        raise UsageError(
+            f"cannot run {in_place} with an operand that views the same tensor as its target: "
+            "djinn cannot tell whether they overlap, where torch's result depends on the "
+            "order it writes in; clone() the operand first"
         )
     with torch.inference_mode(False):
         meta = getattr(_to_meta(tensor), in_place)(

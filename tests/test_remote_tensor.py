@@ -507,3 +507,22 @@ def test_sampling_by_method_and_torch_errors_on_the_server_are_runtime_errors(
     assert probs.multinomial(3).tolist() == first
     with pytest.raises(RuntimeError):  # as torch raises it: too many samples without replacement
         torch.multinomial(probs, VOCAB + 1).cpu()
+
+
+def test_an_operand_that_views_the_target_s_tensor_is_refused(rm: RemoteModel) -> None:
+    """Over overlapping views torch's result depends on the order it writes in (a
+    running sum here); djinn computes the new value at once, so it refuses rather than
+    give other values. The tensor itself as its own operand is fine, as in torch."""
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(10))
+    column = rm(ids).logits[:, :, :1]
+    later = column[:, 1:]
+    with pytest.raises(UsageError, match="views the same tensor as its target"):
+        later.add_(column[:, :-1])
+    logits = rm(ids).logits
+    with pytest.raises(UsageError, match="views the same tensor as its target"):
+        logits += logits[0]
+    doubled = rm(ids).logits
+    expected = doubled.cpu() * 2
+    doubled = rm(ids).logits
+    doubled += doubled
+    torch.testing.assert_close(doubled.cpu(), expected)
