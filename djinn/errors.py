@@ -29,8 +29,8 @@ class DjinnError(Exception):
 
 
 class UsageError(DjinnError, ValueError):
-    """The API was called in a way it does not support. A ValueError, as the same call's
-    refusal is from torch or transformers, so `except ValueError` catches both."""
+    """The API was called in a way it does not support. A ValueError, as transformers'
+    refusal of a bad setting is, so a drop-in `except ValueError` catches both."""
 
 
 class ProtocolError(DjinnError):
