@@ -22,6 +22,7 @@ _FUNCTIONS: Final = """
     mean median min minimum mm mul multinomial narrow ne neg norm outer permute pow prod
     reshape round rsqrt sigmoid sign sin softmax sort split sqrt square squeeze stack std sub
     sum t tanh topk transpose tril triu unbind unsqueeze var where cos
+    zeros_like ones_like full_like
 """.split()
 
 _METHODS: Final = """
@@ -68,6 +69,8 @@ TENSOR_METHODS: Final = frozenset(_METHODS)
 RANDOM: Final = frozenset({"torch.multinomial", "Tensor.multinomial"})
 # Where a function takes an `inplace` flag: its keyword, or its position.
 _INPLACE_FLAG: Final = {"F.relu": 1, "F.silu": 1}
+# Functions that make a tensor like their input, which could put it on another device.
+_LIKE: Final = frozenset({"torch.zeros_like", "torch.ones_like", "torch.full_like"})
 
 
 def refusal(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -75,7 +78,9 @@ def refusal(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | N
     change in place (an in-place change is a new value; see djinn.tensor)."""
     index = _INPLACE_FLAG.get(name)
     if index is not None and (kwargs.get("inplace") or (len(args) > index and args[index])):
-        return f"cannot run {name} with inplace=True on the server: its values never change"
+        return f"cannot run {name} with inplace=True: server values never change; call it without"
+    if name in _LIKE and "device" in kwargs:
+        return f"cannot run {name} with device=: the server keeps its values on its device"
     return None
 
 

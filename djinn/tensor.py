@@ -422,7 +422,7 @@ def apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
         )
     refused = ops.refusal(name, args, kwargs)
     if refused is not None:
-        raise UsageError(f"{refused}; write x = {label}(x) for a new tensor")
+        raise UsageError(refused)
     scan = _Scan()
     remote_kwargs, generator = kwargs, None
     if name in ops.RANDOM:  # the server's generator is seeded from this one

@@ -526,3 +526,16 @@ def test_an_operand_that_views_the_target_s_tensor_is_refused(rm: RemoteModel) -
     doubled = rm(ids).logits
     doubled += doubled
     torch.testing.assert_close(doubled.cpu(), expected)
+
+
+def test_tensors_like_a_remote_one_are_made_on_the_server(
+    pair: tuple[RemoteTensor, torch.Tensor],
+) -> None:
+    remote, local = pair
+    masked = torch.where(remote > 0, remote, torch.zeros_like(remote))
+    torch.testing.assert_close(masked.cpu(), torch.where(local > 0, local, torch.zeros_like(local)))
+    filled = torch.full_like(remote[0, -1], -1.0, dtype=torch.float64) + torch.ones_like(remote)
+    assert filled.dtype == torch.float64
+    torch.testing.assert_close(filled.cpu(), torch.zeros_like(local, dtype=torch.float64))
+    with pytest.raises(UsageError, match="keeps its values on its device"):
+        torch.zeros_like(remote, device="cpu")
