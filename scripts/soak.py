@@ -18,7 +18,8 @@ attacks of tests/test_security.py (structured messages, stalled frames,
 quota-busting work, forged indices, long generates, reference floods,
 connection floods). The honest client's tokens must stay exact and its p99
 per-token latency within `--latency-ratio` of its solo figure; the server's
-RSS must come back to its baseline once the adversary leaves.
+RSS must come back to its baseline once the adversary leaves. The honest
+steps' latencies are also reported by the attack running as each ended.
 
 Reports the server's RSS after a warm-up and at the end of each part.
 
