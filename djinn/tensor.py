@@ -159,10 +159,11 @@ class RemoteTensor(_Handle):
     def wired(self) -> Ref | torch.Tensor:
         """What crosses for this tensor: its reference, or the fetched values once the
         caller has changed them in place (the server's are out of date then)."""
+        self._current()
         if self._changed_here():
             assert self._value is not None
             return self._value
-        return self.ref
+        return self._ref
 
     # -- what is known without a round trip ---------------------------------------
 
@@ -362,9 +363,9 @@ def _check_in_place(
     """Raise what torch raises for this in-place change (broadcast, casting, overlap), and
     UsageError for one that changes the shape, which djinn does not do in place, or reads
     another view of its own storage."""
-    if tensor._stride is not None and 0 in [
-        step for step, size in zip(tensor._stride, tensor.shape, strict=True) if size > 1
-    ]:  # meta tensors do not check this
+    if tensor._stride is not None and any(
+        step == 0 and size > 1 for step, size in zip(tensor._stride, tensor.shape, strict=True)
+    ):  # meta tensors do not check this
         raise RuntimeError(
             "unsupported operation: more than one element of the written-to tensor refers "
             "to a single memory location. Please clone() the tensor before performing the "
@@ -490,19 +491,16 @@ class _Scan:
     def wire(self, value: Any) -> Any:
         kind = type(value)
         if kind is RemoteTensor:
-            value._current()
-            if value._value is not None and value._changed_here():  # the caller's values now
-                if value._session not in self.sessions:
-                    self.sessions.append(value._session)
-                self.known = True
-                value, kind = value._value, torch.Tensor
-        if kind is RemoteTensor:
             if value._session not in self.sessions:
                 self.sessions.append(value._session)
-            self.remote.append(value)
-            self.known = self.known or value._value is not None or value._tail is not None
-            self.key.append((value.shape, value.dtype, value._stride))
-            return value._ref
+            wired = value.wired()
+            if type(wired) is Ref:
+                self.remote.append(value)
+                self.known = self.known or value._value is not None or value._tail is not None
+                self.key.append((value.shape, value.dtype, value._stride))
+                return wired
+            self.known = True  # the caller's values now
+            value, kind = wired, torch.Tensor
         if kind is tuple or kind is list:
             self.key.append((kind, len(value)))
             items = [self.wire(v) for v in value]
